@@ -1,0 +1,1 @@
+"""Custom ops (eager + fake implementations) and their lowerings."""

@@ -1,0 +1,305 @@
+"""Pydantic models describing one MiniMax M3 variant and how to export it.
+
+Field names follow the HF `config.json` of the released checkpoint (m3-architecture.md §1.2-1.5) so
+that `spec from-hf` is a plain mapping. Every model is frozen and rejects unknown keys. This module
+imports no torch: the spec layer sits below everything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _schedule_check(name: str, values: list[int], num_layers: int) -> None:
+    if len(values) != num_layers:
+        raise ValueError(
+            f"{name} has {len(values)} entries but num_hidden_layers is {num_layers}; "
+            "give one 0/1 entry per decoder layer"
+        )
+    bad = [v for v in values if v not in (0, 1)]
+    if bad:
+        raise ValueError(f"{name} entries must be 0 or 1, got {bad[0]!r}")
+
+
+class SparseAttentionSpec(_Strict):
+    """MSA block-sparse attention (m3-architecture.md §1.3, §2.4)."""
+
+    use_sparse_attention: bool = True
+    sparse_block_size: int = Field(gt=0, description="key tokens per block")
+    sparse_topk_blocks: int = Field(gt=0, description="blocks kept per (index head, query), incl. forced")
+    sparse_num_index_heads: int = Field(gt=0, description="indexer query heads; must equal KV heads")
+    sparse_index_dim: int = Field(gt=0, description="indexer head width")
+    sparse_score_type: Literal["max"] = "max"
+    sparse_init_block: int = Field(0, ge=0, description="sink blocks 0..n-1 always kept (M3: 0)")
+    sparse_local_block: int = Field(1, ge=0, description="blocks ending at the query's own always kept")
+    sparse_attention_freq: list[int] = Field(description="per layer: 1 = MSA, 0 = full attention")
+    sparse_disable_index_value: list[int] = Field(
+        description="per layer; must be 1 on every sparse layer (selection-only indexer)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SparseAttentionSpec:
+        if self.sparse_init_block + min(self.sparse_local_block, 1) > self.sparse_topk_blocks:
+            raise ValueError(
+                "sparse_init_block + forced local block exceeds sparse_topk_blocks "
+                f"({self.sparse_init_block} + 1 > {self.sparse_topk_blocks})"
+            )
+        return self
+
+
+class TextSpec(_Strict):
+    """Text backbone (`text_config`, m3-architecture.md §1.2)."""
+
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, description="width of one routed expert")
+    dense_intermediate_size: int = Field(gt=0)
+    shared_intermediate_size: int = Field(gt=0, description="width of one shared expert")
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    use_gemma_norm: Literal[True] = True
+    attention_output_gate: Literal[False] = False
+    rope_theta: float = Field(gt=0)
+    rotary_dim: int = Field(gt=0)
+    hidden_act: Literal["swigluoai"] = "swigluoai"
+    use_qk_norm: Literal[True] = True
+    qk_norm_type: Literal["per_head"] = "per_head"
+    tie_word_embeddings: Literal[False] = False
+    num_local_experts: int = Field(gt=0)
+    num_experts_per_tok: int = Field(gt=0)
+    n_shared_experts: Literal[1] = 1
+    scoring_func: Literal["sigmoid"] = "sigmoid"
+    use_routing_bias: Literal[True] = True
+    routed_scaling_factor: float = Field(2.0, gt=0)
+    moe_layer_freq: list[int]
+    swiglu_alpha: float = 1.702
+    swiglu_beta: float = 1.0
+    swiglu_limit: float = Field(7.0, gt=0)
+    sparse_attention_config: SparseAttentionSpec | None = None
+    num_mtp_modules: int = Field(0, ge=0, description="physical MTP depths (m3-architecture.md §3, §10.1)")
+    bos_token_id: int | None = Field(None, ge=0)
+    eos_token_id: int | None = Field(None, ge=0)
+    pad_token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TextSpec:
+        n = self.num_hidden_layers
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_local_experts "
+                f"({self.num_local_experts})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and <= head_dim ({self.head_dim})")
+        _schedule_check("moe_layer_freq", self.moe_layer_freq, n)
+        sa = self.sparse_attention_config
+        if sa is not None:
+            _schedule_check("sparse_attention_config.sparse_attention_freq", sa.sparse_attention_freq, n)
+            _schedule_check(
+                "sparse_attention_config.sparse_disable_index_value", sa.sparse_disable_index_value, n
+            )
+            for i, (f, d) in enumerate(zip(sa.sparse_attention_freq, sa.sparse_disable_index_value, strict=True)):
+                if f and not d:
+                    raise ValueError(
+                        f"sparse_attention_config.sparse_disable_index_value[{i}] must be 1 on sparse layer {i}: "
+                        "M3 uses a selection-only indexer (m3-architecture.md §1.1)"
+                    )
+            if sa.sparse_num_index_heads != self.num_key_value_heads:
+                raise ValueError(
+                    f"sparse_attention_config.sparse_num_index_heads ({sa.sparse_num_index_heads}) must equal "
+                    f"num_key_value_heads ({self.num_key_value_heads}): one block selection per KV group"
+                )
+            if self.rotary_dim > sa.sparse_index_dim:
+                raise ValueError(
+                    f"rotary_dim ({self.rotary_dim}) must be <= sparse_attention_config.sparse_index_dim "
+                    f"({sa.sparse_index_dim}): the indexer uses the same partial RoPE"
+                )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tok = getattr(self, name)
+            if tok is not None and tok >= self.vocab_size:
+                raise ValueError(f"{name} ({tok}) must be < vocab_size ({self.vocab_size})")
+        return self
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        return self.rotary_dim / self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layer_freq[layer])
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        sa = self.sparse_attention_config
+        return bool(sa is not None and sa.use_sparse_attention and sa.sparse_attention_freq[layer])
+
+    @property
+    def uses_sparse_attention(self) -> bool:
+        sa = self.sparse_attention_config
+        return sa is not None and sa.use_sparse_attention
+
+
+class VisionSpec(_Strict):
+    """Vision tower (`vision_config`, m3-architecture.md §1.4, §4)."""
+
+    hidden_size: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    patch_size: int = Field(14, gt=0)
+    num_channels: Literal[3] = 3
+    temporal_patch_size: int = Field(2, gt=0)
+    spatial_merge_size: int = Field(2, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    hidden_act: Literal["gelu"] = "gelu"
+    layer_norm_eps: float = Field(1e-5, gt=0)
+    vision_segment_max_frames: int = Field(4, gt=0, description="max temporal patches per attention segment")
+    image_size: int = Field(2016, gt=0, description="nominal; unused in compute")
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionSpec:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"vision hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("vision head_dim (hidden_size / num_attention_heads) must be even")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.num_channels * self.temporal_patch_size * self.patch_size**2
+
+
+class MultimodalSpec(_Strict):
+    """Top-level VL fields (`MiniMaxM3VLConfig`, m3-architecture.md §1.5)."""
+
+    image_token_index: int = Field(ge=0)
+    video_token_index: int = Field(ge=0)
+    projector_hidden_size: int = Field(gt=0, description="intermediate width of projector and merger")
+    projector_hidden_act: Literal["gelu"] = "gelu"
+    multimodal_projector_bias: Literal[True] = True
+    patch_merge_bias: Literal[True] = True
+    vision_feature_layer: Literal[-1] = -1
+    vision_feature_select_strategy: Literal["full"] = "full"
+
+
+class RandomWeights(_Strict):
+    seed: int = Field(ge=0)
+
+
+class WeightsSpec(_Strict):
+    """Exactly one of `random: {seed: N}` or `checkpoint: PATH` (an HF-format directory)."""
+
+    random: RandomWeights | None = None
+    checkpoint: Path | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> WeightsSpec:
+        if (self.random is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of `random: {seed: N}` or `checkpoint: PATH`")
+        return self
+
+
+class Tolerance(_Strict):
+    """Acceptance thresholds for one parity comparison. `reason` says why these numbers."""
+
+    max_abs: float = Field(ge=0)
+    max_rel: float | None = Field(None, ge=0)
+    min_cosine: float | None = Field(None, ge=-1, le=1)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    min_routing_agreement: float | None = Field(None, ge=0, le=1)
+    reason: str = Field(min_length=1)
+
+
+class TolerancesSpec(_Strict):
+    """Tolerances per parity step. Steps that are absent use no tolerance and are not run."""
+
+    reference: Tolerance | None = Field(None, description="m3export eager vs transformers (fp32)")
+    split: Tolerance | None = Field(None, description="full eager model vs chained eager subgraphs")
+    onnx: Tolerance | None = Field(None, description="each subgraph: eager vs ONNX Runtime")
+    end_to_end: Tolerance | None = Field(None, description="chained ONNX subgraphs vs full eager model")
+    decode: Tolerance | None = Field(None, description="KV-cache decode vs full recompute")
+
+
+class PipelineSpec(_Strict):
+    """How the text layers are split into stages (m3-architecture.md §5)."""
+
+    num_text_stages: int = Field(1, gt=0)
+    layer_ranges: list[tuple[int, int]] | None = Field(
+        None, description="explicit [start, end) layer ranges per stage; overrides num_text_stages"
+    )
+
+
+class ExportSpec(_Strict):
+    targets: list[Literal["onnx", "trt"]] = Field(default_factory=lambda: ["onnx"])
+    moe: Literal["ort", "portable"] = "ort"
+    opset: int = Field(23, ge=18, le=23)
+
+
+class M3Spec(_Strict):
+    """One MiniMax M3 variant: model dims, weights source, pipeline, export knobs and tolerances."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used for artifacts/<name>/")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    text: TextSpec
+    vision: VisionSpec | None = None
+    multimodal: MultimodalSpec | None = None
+    weights: WeightsSpec
+    pipeline: PipelineSpec = PipelineSpec()
+    export: ExportSpec = ExportSpec()
+    tolerances: TolerancesSpec = TolerancesSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> M3Spec:
+        if (self.vision is None) != (self.multimodal is None):
+            raise ValueError("vision and multimodal must be given together (a VL model) or both omitted")
+        if self.multimodal is not None:
+            mm = self.multimodal
+            for name in ("image_token_index", "video_token_index"):
+                tok = getattr(mm, name)
+                if tok >= self.text.vocab_size:
+                    raise ValueError(f"multimodal.{name} ({tok}) must be < text.vocab_size ({self.text.vocab_size})")
+            if mm.image_token_index == mm.video_token_index:
+                raise ValueError("multimodal.image_token_index and video_token_index must differ")
+        n = self.text.num_hidden_layers
+        ranges = self.pipeline.layer_ranges
+        if ranges is not None:
+            expect = 0
+            for i, (start, end) in enumerate(ranges):
+                if start != expect or end <= start:
+                    raise ValueError(
+                        f"pipeline.layer_ranges[{i}] = [{start}, {end}) must start at {expect} and be non-empty: "
+                        "ranges must be contiguous, complete and non-overlapping"
+                    )
+                expect = end
+            if expect != n:
+                raise ValueError(f"pipeline.layer_ranges end at layer {expect}, but the model has {n} layers")
+        elif self.pipeline.num_text_stages > n:
+            raise ValueError(
+                f"pipeline.num_text_stages ({self.pipeline.num_text_stages}) must be <= num_hidden_layers ({n})"
+            )
+        return self
+
+    @property
+    def is_vl(self) -> bool:
+        return self.vision is not None
