@@ -16,17 +16,27 @@ from m3export.spec.models import M3Spec
 _MAX_SPEC_BYTES = 1 << 20
 
 
+def _loc_part(p: object) -> str:
+    s = str(p)
+    return s if s.replace("_", "").replace("-", "").isalnum() else repr(s)
+
+
+def _one_line(msg: str) -> str:
+    return msg.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     errors = err.errors(include_url=False)
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    # An unknown key usually explains the "missing field" errors next to it (a typo): report it first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = ".".join(_loc_part(p) for p in first["loc"]) or "<top level>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (not a field of this section)"
     elif first["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be")
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    return _one_line(f"{source}: {loc}: {msg}{more}")
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> M3Spec:
@@ -38,7 +48,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> M3Spec:
     except ValidationError as err:
         raise SpecError(_format_validation_error(err, source)) from None
     except (TypeError, ValueError, RecursionError) as err:  # pathological YAML values
-        raise SpecError(f"{source}: invalid value: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise SpecError(_one_line(f"{source}: invalid value: {err or type(err).__name__}")) from None
 
 
 def load_spec(path: str | Path) -> M3Spec:
@@ -78,23 +88,9 @@ def spec_hash(spec: M3Spec | dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # HF config.json mapping (m3-architecture.md §1)
 
-_TEXT_KEYS = (
-    "hidden_size intermediate_size dense_intermediate_size shared_intermediate_size num_hidden_layers "
-    "num_attention_heads num_key_value_heads head_dim vocab_size max_position_embeddings rms_norm_eps "
-    "use_gemma_norm attention_output_gate rope_theta rotary_dim hidden_act use_qk_norm qk_norm_type "
-    "tie_word_embeddings num_local_experts num_experts_per_tok n_shared_experts scoring_func "
-    "use_routing_bias routed_scaling_factor moe_layer_freq swiglu_alpha swiglu_beta swiglu_limit "
-    "sparse_attention_config num_mtp_modules bos_token_id eos_token_id pad_token_id"
-).split()
-_VISION_KEYS = (
-    "hidden_size num_attention_heads num_hidden_layers intermediate_size patch_size num_channels "
-    "temporal_patch_size spatial_merge_size rope_theta hidden_act layer_norm_eps vision_segment_max_frames "
-    "image_size"
-).split()
-_MM_KEYS = (
-    "image_token_index video_token_index projector_hidden_size projector_hidden_act multimodal_projector_bias "
-    "patch_merge_bias vision_feature_layer vision_feature_select_strategy"
-).split()
+_TEXT_KEYS = ["hidden_size", "intermediate_size", "dense_intermediate_size", "shared_intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "use_gemma_norm", "attention_output_gate", "rope_theta", "rotary_dim", "hidden_act", "use_qk_norm", "qk_norm_type", "tie_word_embeddings", "num_local_experts", "num_experts_per_tok", "n_shared_experts", "scoring_func", "use_routing_bias", "routed_scaling_factor", "moe_layer_freq", "swiglu_alpha", "swiglu_beta", "swiglu_limit", "sparse_attention_config", "num_mtp_modules", "bos_token_id", "eos_token_id", "pad_token_id"]
+_VISION_KEYS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size", "num_channels", "temporal_patch_size", "spatial_merge_size", "rope_theta", "hidden_act", "layer_norm_eps", "vision_segment_max_frames", "image_size"]
+_MM_KEYS = ["image_token_index", "video_token_index", "projector_hidden_size", "projector_hidden_act", "multimodal_projector_bias", "patch_merge_bias", "vision_feature_layer", "vision_feature_select_strategy"]
 
 
 def _text_from_hf(tc: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +144,9 @@ def from_hf_config(config_dir: str | Path, name: str | None = None) -> M3Spec:
         raise SpecError(f"{cfg_path}: text_config must be a JSON object")
     data: dict[str, Any] = {
         "name": name or (d.resolve().name or "m3"),
-        "dtype": "bfloat16" if text_cfg.get("torch_dtype", cfg.get("torch_dtype")) == "bfloat16" else "float32",
+        "dtype": "bfloat16"
+        if text_cfg.get("torch_dtype", cfg.get("torch_dtype")) == "bfloat16"
+        else "float32",
         "text": _text_from_hf(text_cfg),
         "weights": {"checkpoint": str(d)},
     }
@@ -213,7 +211,8 @@ def to_hf_config(spec: M3Spec) -> dict[str, Any]:
     if sa is not None:
         text["sparse_attention_config"] = sa.model_dump(mode="json")
         text["layer_types"] = [
-            "minimax_m3_sparse" if t.is_sparse_layer(i) else "full_attention" for i in range(t.num_hidden_layers)
+            "minimax_m3_sparse" if t.is_sparse_layer(i) else "full_attention"
+            for i in range(t.num_hidden_layers)
         ]
         # Flattened names used by the newer HF port (m3-architecture.md §1.3).
         text.update(

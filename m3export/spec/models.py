@@ -114,7 +114,9 @@ class TextSpec(_Strict):
             _schedule_check(
                 "sparse_attention_config.sparse_disable_index_value", sa.sparse_disable_index_value, n
             )
-            for i, (f, d) in enumerate(zip(sa.sparse_attention_freq, sa.sparse_disable_index_value, strict=True)):
+            for i, (f, d) in enumerate(
+                zip(sa.sparse_attention_freq, sa.sparse_disable_index_value, strict=True)
+            ):
                 if f and not d:
                     raise ValueError(
                         f"sparse_attention_config.sparse_disable_index_value[{i}] must be 1 on sparse layer {i}: "
@@ -278,7 +280,9 @@ class M3Spec(_Strict):
             for name in ("image_token_index", "video_token_index"):
                 tok = getattr(mm, name)
                 if tok >= self.text.vocab_size:
-                    raise ValueError(f"multimodal.{name} ({tok}) must be < text.vocab_size ({self.text.vocab_size})")
+                    raise ValueError(
+                        f"multimodal.{name} ({tok}) must be < text.vocab_size ({self.text.vocab_size})"
+                    )
             if mm.image_token_index == mm.video_token_index:
                 raise ValueError("multimodal.image_token_index and video_token_index must differ")
         n = self.text.num_hidden_layers

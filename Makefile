@@ -1,0 +1,44 @@
+# Every target sets itself up: a fresh clone needs only python3 (3.11+) and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SPEC ?= specs/m3-tiny.yaml
+
+.PHONY: setup build test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned exactly: the CPU build on this machine; anything looser pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job on the built-in tiny spec: build, export, check parity after every step.
+build: $(STAMP)
+	$(VENV)/bin/m3export build $(SPEC)
+
+## The whole test suite (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check m3export tests bench
+	$(VENV)/bin/ruff format --check m3export tests bench
+	$(VENV)/bin/mypy m3export
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format m3export tests bench
+	$(VENV)/bin/ruff check --fix m3export tests bench
+
+bench: $(STAMP)
+	$(PY) bench/forward_latency.py
+
+clean:
+	rm -rf $(VENV) artifacts/* .pytest_cache .ruff_cache .mypy_cache
