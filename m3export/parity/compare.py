@@ -1,0 +1,131 @@
+"""Compare two sets of named outputs against a spec `Tolerance` and produce a `ParityReport`.
+
+Metrics (computed in float64): max abs error, max relative error (|a-b| / max(|b|, tiny)), cosine
+similarity of the flattened tensors, top-1 agreement along the last axis (for logits), and routing
+agreement (fraction of rows whose selected expert SET matches, for int [T, k] selections).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from m3export.spec.models import Tolerance
+
+Kind = Literal["tensor", "logits", "routing"]
+
+
+@dataclass(frozen=True)
+class OutputParity:
+    """Metrics and verdict for one output of one comparison."""
+
+    name: str
+    kind: Kind
+    max_abs: float
+    max_rel: float
+    cosine: float
+    top1_agreement: float | None
+    routing_agreement: float | None
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """One parity check (a step, a subgraph, a case) with per-output results."""
+
+    step: str
+    subject: str
+    case: str
+    tolerance: dict[str, Any]
+    outputs: tuple[OutputParity, ...] = field(default_factory=tuple)
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(o.passed for o in self.outputs)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def failures(self) -> list[str]:
+        if self.error:
+            return [self.error]
+        return [f"{o.name}: {f}" for o in self.outputs for f in o.failures]
+
+
+def _routing_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = np.sort(a.reshape(-1, a.shape[-1]), axis=-1), np.sort(b.reshape(-1, b.shape[-1]), axis=-1)
+    return float(np.mean(np.all(sa == sb, axis=-1))) if sa.size else 1.0
+
+
+def compare_output(
+    name: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance, kind: Kind
+) -> OutputParity:
+    """Compare one output; `expected` is the reference."""
+    failures: list[str] = []
+    if actual.shape != expected.shape:
+        return OutputParity(
+            name, kind, np.inf, np.inf, -1.0, None, None, (f"shape {actual.shape} != {expected.shape}",)
+        )
+    if kind == "routing":
+        agree = _routing_agreement(actual, expected)
+        need = 1.0 if tol.min_routing_agreement is None else tol.min_routing_agreement
+        if agree < need:
+            failures.append(f"routing agreement {agree:.4f} < {need}")
+        return OutputParity(name, kind, 0.0, 0.0, 1.0, None, agree, tuple(failures))
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(e))):
+        failures.append("non-finite values")
+    diff = np.abs(a - e)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max()) if diff.size else 0.0
+    na, ne = np.linalg.norm(a), np.linalg.norm(e)
+    cosine = float(np.dot(a.ravel(), e.ravel()) / (na * ne)) if na > 0 and ne > 0 else float(na == ne)
+    top1 = None
+    if kind == "logits" and a.size:
+        top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(e, axis=-1)))
+    # An element fails only if it exceeds both atol and rtol (Polygraphy semantics) when max_rel is set.
+    if tol.max_rel is None:
+        if max_abs > tol.max_abs:
+            failures.append(f"max abs {max_abs:.3g} > {tol.max_abs:.3g}")
+    elif np.any((diff > tol.max_abs) & (diff > tol.max_rel * np.abs(e))):
+        failures.append(
+            f"max abs {max_abs:.3g} > {tol.max_abs:.3g} and max rel {max_rel:.3g} > {tol.max_rel:.3g}"
+        )
+    if tol.min_cosine is not None and cosine < tol.min_cosine:
+        failures.append(f"cosine {cosine:.6f} < {tol.min_cosine}")
+    if top1 is not None and tol.min_top1_agreement is not None and top1 < tol.min_top1_agreement:
+        failures.append(f"top-1 agreement {top1:.4f} < {tol.min_top1_agreement}")
+    return OutputParity(name, kind, max_abs, max_rel, cosine, top1, None, tuple(failures))
+
+
+def compare_outputs(
+    step: str,
+    subject: str,
+    case: str,
+    actual: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    tol: Tolerance,
+    kinds: dict[str, Kind] | None = None,
+) -> ParityReport:
+    """Compare every expected output; a missing output is a failure, never a skip."""
+    kinds = kinds or {}
+    results = []
+    for name, exp in expected.items():
+        if name not in actual:
+            results.append(
+                OutputParity(name, kinds.get(name, "tensor"), np.inf, np.inf, -1.0, None, None, ("missing",))
+            )
+            continue
+        results.append(
+            compare_output(name, np.asarray(actual[name]), np.asarray(exp), tol, kinds.get(name, "tensor"))
+        )
+    return ParityReport(step, subject, case, tol.model_dump(mode="json"), tuple(results))
