@@ -1,0 +1,191 @@
+"""The stage plan: which modules each subgraph owns and its named, typed inputs and outputs.
+
+A pure function of the spec (no torch). Placement follows Automodel's auto-split (m3-architecture.md
+§5): stage 0 owns the embedding and every multimodal module's consumer (the splice), layers are
+spread evenly with the remainder on the earliest stages, and the last stage owns the final norm and
+lm_head. The vision tower is its own subgraph so it can run once per image. MTP is its own subgraph
+(Automodel forbids MTP under PP; here it is a separate graph that *uses* the embedding and lm_head
+owned by the text stages — the use is declared in `shared_uses`, and the ONNX file carries a copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from m3export.errors import SpecError
+from m3export.spec.models import M3Spec
+
+Dim = str | int
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """A named graph input or output. Symbolic dims are strings (`batch`, `seq`, ...)."""
+
+    name: str
+    dtype: Literal["int64", "float32", "bfloat16"]
+    dims: tuple[Dim, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class SubgraphPlan:
+    """One exported subgraph."""
+
+    name: str
+    kind: Literal["vision", "text", "mtp"]
+    modules: tuple[str, ...]
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+    layers: tuple[int, ...] = ()
+    shared_uses: tuple[tuple[str, str], ...] = field(default=())  # (module, owning subgraph)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "modules": list(self.modules),
+            "layers": list(self.layers),
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "shared_uses": [list(u) for u in self.shared_uses],
+        }
+
+
+def stage_layer_ranges(spec: M3Spec) -> list[tuple[int, int]]:
+    """[start, end) per text stage: explicit ranges, or an even split with the remainder first (§5)."""
+    n = spec.text.num_hidden_layers
+    if spec.pipeline.layer_ranges is not None:
+        return [tuple(r) for r in spec.pipeline.layer_ranges]  # type: ignore[misc]
+    k = spec.pipeline.num_text_stages
+    base, rem = divmod(n, k)
+    ranges, start = [], 0
+    for i in range(k):
+        end = start + base + (1 if i < rem else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
+    """Every subgraph of the build, in execution order: vision?, text_0..text_{N-1}, mtp?."""
+    act = spec.dtype
+    t = spec.text
+    root = "language_model." if spec.is_vl else ""
+    hidden = t.hidden_size
+    ids = TensorSig("input_ids", "int64", ("batch", "seq"))
+    pos = TensorSig("position_ids", "int64", ("batch", "seq"))
+    hs = TensorSig("hidden_states", act, ("batch", "seq", hidden))
+    plans: list[SubgraphPlan] = []
+    if spec.is_vl:
+        assert spec.vision is not None
+        v = spec.vision
+        rot = 3 * (2 * ((v.head_dim // 3) // 2))  # 3 axes x axis_dim/2 freqs, NeoX-duplicated (§4.3)
+        plans.append(
+            SubgraphPlan(
+                name="vision",
+                kind="vision",
+                modules=("vision_tower.vision_model", "multi_modal_projector", "patch_merge_mlp"),
+                inputs=(
+                    TensorSig("pixel_values", act, ("patches", v.patch_dim)),
+                    TensorSig("vision_cos", "float32", ("patches", rot)),
+                    TensorSig("vision_sin", "float32", ("patches", rot)),
+                    TensorSig("vision_segment_ids", "int64", ("patches",)),
+                ),
+                outputs=(TensorSig("image_features", act, ("image_tokens", hidden)),),
+            )
+        )
+    ranges = stage_layer_ranges(spec)
+    last = len(ranges) - 1
+    for i, (start, end) in enumerate(ranges):
+        modules: list[str] = []
+        inputs: list[TensorSig] = []
+        if i == 0:
+            modules.append(f"{root}model.embed_tokens")
+            inputs.append(ids)
+            if spec.is_vl:
+                inputs.append(TensorSig("image_features", act, ("image_tokens", hidden)))
+        else:
+            inputs.append(hs)
+        inputs.append(pos)
+        modules += [f"{root}model.layers.{j}" for j in range(start, end)]
+        if i == last:
+            modules += [f"{root}model.norm", f"{root}lm_head"]
+            outputs = [TensorSig("logits", act, ("batch", "seq", t.vocab_size))]
+            if t.num_mtp_modules:
+                outputs.append(TensorSig("final_hidden_states", act, ("batch", "seq", hidden)))
+        else:
+            outputs = [hs]
+        plans.append(
+            SubgraphPlan(
+                name=f"text_{i}",
+                kind="text",
+                modules=tuple(modules),
+                inputs=tuple(inputs),
+                outputs=tuple(outputs),
+                layers=tuple(range(start, end)),
+            )
+        )
+    if t.num_mtp_modules:
+        plans.append(
+            SubgraphPlan(
+                name="mtp",
+                kind="mtp",
+                modules=tuple(f"{root}model.mtp.layers.{d}" for d in range(t.num_mtp_modules)),
+                inputs=(TensorSig("final_hidden_states", act, ("batch", "seq", hidden)), ids, pos),
+                outputs=tuple(
+                    TensorSig(f"mtp_logits.{d}", act, ("batch", "seq", t.vocab_size))
+                    for d in range(t.num_mtp_modules)
+                ),
+                shared_uses=((f"{root}model.embed_tokens", "text_0"), (f"{root}lm_head", f"text_{last}")),
+            )
+        )
+    validate_plan(spec, plans)
+    return plans
+
+
+def validate_plan(spec: M3Spec, plans: list[SubgraphPlan]) -> None:
+    """Contiguous, complete, non-overlapping layers; every module owned once; shared uses resolve."""
+    n = spec.text.num_hidden_layers
+    layers = [j for p in plans if p.kind == "text" for j in p.layers]
+    if layers != list(range(n)):
+        raise SpecError(f"pipeline: text stages must cover layers 0..{n - 1} once, in order; got {layers}")
+    owned: dict[str, str] = {}
+    for p in plans:
+        for m in p.modules:
+            if m in owned:
+                raise SpecError(f"pipeline: module {m} owned by both {owned[m]} and {p.name}")
+            owned[m] = p.name
+    for p in plans:
+        for module, owner in p.shared_uses:
+            if owned.get(module) != owner:
+                raise SpecError(f"pipeline: {p.name} uses {module} from {owner}, which does not own it")
+
+
+def get_pipeline_stage_metas(
+    spec: M3Spec, is_first: bool, is_last: bool, microbatch_size: int, seq_len: int
+) -> tuple[tuple[TensorSig, ...], tuple[TensorSig, ...]]:
+    """Input/output metadata of one text stage with concrete sizes (Automodel's contract, §5)."""
+    plans = [p for p in plan_subgraphs(spec) if p.kind == "text"]
+    plan = plans[0] if is_first else plans[-1] if is_last else plans[min(1, len(plans) - 1)]
+    sizes = {"batch": microbatch_size, "seq": seq_len}
+
+    def concrete(sigs: tuple[TensorSig, ...]) -> tuple[TensorSig, ...]:
+        return tuple(
+            TensorSig(s.name, s.dtype, tuple(sizes.get(d, d) if isinstance(d, str) else d for d in s.dims))
+            for s in sigs
+            if s.name in ("input_ids", "hidden_states", "logits")
+        )
+
+    return concrete(plan.inputs), concrete(plan.outputs)
