@@ -1,0 +1,72 @@
+"""Deterministic, non-degenerate random init from a seed (m3-architecture.md §7, with two changes).
+
+§7 as Automodel does it: linears trunc-normal std 0.02, router and experts normal std 0.02,
+embed_tokens N(0, 1), lm_head trunc-normal std H^-0.5 cut at ±3σ. Two deliberate departures, so
+that parity tests exercise every tensor: Gemma norm weights get N(0, 0.1) instead of 0 (a zero
+weight hides a missing "1 +" or a wrong norm axis), and `e_score_correction_bias` gets values
+on the scale of the router's sigmoid scores instead of 0, so the bias changes expert selection
+(a zero bias hides a routing that ignores it).
+
+Each tensor is drawn from its own generator seeded by (seed, parameter name), so a tensor's values
+do not depend on module order, on which other modules exist, or on the device/dtype of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+from m3export.model.moe import Router, SparseMoeBlock, StackedExperts
+from m3export.model.norm import GemmaRMSNorm
+
+NORM_STD = 0.1
+LINEAR_STD = 0.02
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _fill(t: Tensor, seed: int, name: str, std: float, trunc: float | None = None) -> None:
+    """Write N(0, std²) (truncated to ±trunc when given) into t, drawn in fp32 on CPU."""
+    g = _generator(seed, name)
+    tmp = torch.empty(t.shape, dtype=torch.float32)
+    if trunc is None:
+        nn.init.normal_(tmp, 0.0, std, generator=g)
+    else:
+        nn.init.trunc_normal_(tmp, 0.0, std, -trunc, trunc, generator=g)
+    t.copy_(tmp)
+
+
+def correction_bias_std(hidden: int) -> float:
+    """Spread of the router's sigmoid scores at init: sigmoid'(0) · 0.02 · sqrt(H) (unit-RMS inputs)."""
+    return 0.25 * LINEAR_STD * math.sqrt(hidden)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Initialise every parameter and the correction-bias buffers of an M3 model in place."""
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, GemmaRMSNorm):
+            _fill(mod.weight, seed, prefix + "weight", NORM_STD)
+        elif isinstance(mod, nn.Embedding):
+            _fill(mod.weight, seed, prefix + "weight", 1.0)
+        elif isinstance(mod, nn.Linear):
+            if mod_name == "lm_head":
+                std = mod.in_features**-0.5
+                _fill(mod.weight, seed, prefix + "weight", std, trunc=3 * std)
+            else:  # torch's default truncation at ±2 (absolute) is inactive at std 0.02 (§7)
+                _fill(mod.weight, seed, prefix + "weight", LINEAR_STD, trunc=2.0)
+        elif isinstance(mod, Router):
+            _fill(mod.weight, seed, prefix + "weight", LINEAR_STD)
+        elif isinstance(mod, StackedExperts):
+            _fill(mod.gate_up_proj, seed, prefix + "gate_up_proj", LINEAR_STD)
+            _fill(mod.down_proj, seed, prefix + "down_proj", LINEAR_STD)
+        elif isinstance(mod, SparseMoeBlock):
+            std = correction_bias_std(mod.hidden_size)
+            _fill(mod.e_score_correction_bias, seed, prefix + "e_score_correction_bias", std)

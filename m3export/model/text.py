@@ -1,0 +1,182 @@
+"""M3 text backbone: decoder layer, text model, causal-LM head (m3-architecture.md §2.1-2.2, §3).
+
+Parameter names are the HF checkpoint keys of §6.1 (text-only layout `model.*` / `lm_head.*`)
+except for the stacked routed experts (docs/design.md). The forward has no data-dependent Python
+control flow, so it traces and exports as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from m3export.model.attention import M3Attention, causal_keep
+from m3export.model.init import init_weights
+from m3export.model.moe import SparseMoeBlock, SwiGLUMLP, build_moe_config
+from m3export.model.mtp import MTP, MTPDepth, mtp_forward
+from m3export.model.norm import GemmaRMSNorm
+from m3export.model.rope import rope_cos_sin
+from m3export.spec.models import M3Spec, TextSpec
+
+
+class M3CausalLMOutput(NamedTuple):
+    """logits [B, S, V]; per-depth MTP logits (None without MTP or input_ids); post-norm hidden [B, S, H]."""
+
+    logits: Tensor
+    mtp_per_depth_logits: list[Tensor] | None
+    hidden_states: Tensor
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x += attn(norm(x)); x += ffn(norm(x)) (§2.2). FFN is `mlp` or `block_sparse_moe`."""
+
+    def __init__(self, text: TextSpec, *, moe: bool, sparse: bool) -> None:
+        super().__init__()
+        self.input_layernorm = GemmaRMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.self_attn = M3Attention(text, sparse=sparse)
+        self.post_attention_layernorm = GemmaRMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.is_moe = moe
+        if moe:
+            self.block_sparse_moe = SparseMoeBlock(text)
+        else:
+            self.mlp = SwiGLUMLP(text.hidden_size, text.dense_intermediate_size, build_moe_config(text))
+
+    @classmethod
+    def for_layer(cls, text: TextSpec, layer: int) -> DecoderLayer:
+        """The decoder layer at global index `layer`, with its dense/MoE and full/MSA flags (§1.1)."""
+        return cls(text, moe=text.is_moe_layer(layer), sparse=text.is_sparse_layer(layer))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, causal: Tensor) -> Tensor:
+        """x [B, S, H] -> [B, S, H]; cos/sin from `rope_cos_sin`, causal from `causal_keep`."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, causal)
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+def default_position_ids(batch: int, seq: int, device: torch.device) -> Tensor:
+    """arange(S) per row, [B, S] (§2.1.2)."""
+    return torch.arange(seq, device=device)[None, :].expand(batch, seq)
+
+
+class M3TextModel(nn.Module):
+    """Embedding, decoder layers (ModuleDict keyed "0".."N-1"), final norm and optional MTP depths."""
+
+    def __init__(self, text: TextSpec) -> None:
+        super().__init__()
+        self.text = text
+        self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer.for_layer(text, i) for i in range(text.num_hidden_layers)}
+        )
+        self.norm = GemmaRMSNorm(text.hidden_size, text.rms_norm_eps)
+        if text.num_mtp_modules:
+            # The MTP block is always MoE + MSA (Automodel builds it as the last layer, §3.1).
+            sparse = text.uses_sparse_attention
+            depths = [
+                MTPDepth(text.hidden_size, text.rms_norm_eps, DecoderLayer(text, moe=True, sparse=sparse))
+                for _ in range(text.num_mtp_modules)
+            ]
+            self.mtp = MTP(depths)
+
+    def layer_inputs(self, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE cos/sin (fp32) and the causal keep mask shared by every layer."""
+        cos, sin = rope_cos_sin(position_ids, self.text.rotary_dim, self.text.rope_theta)
+        return cos, sin, causal_keep(position_ids, position_ids.shape[1])
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Post-final-norm hidden states [B, S, H]. Give exactly one of input_ids [B, S] or inputs_embeds."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if position_ids is None:
+            position_ids = default_position_ids(x.shape[0], x.shape[1], x.device)
+        cos, sin, causal = self.layer_inputs(position_ids)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, position_ids, causal)
+        return self.norm(x)
+
+    def mtp_logits(
+        self, hidden_states: Tensor, input_ids: Tensor, lm_head: nn.Module, position_ids: Tensor | None = None
+    ) -> list[Tensor]:
+        """Per-depth MTP logits [B, S, V] from the post-norm hidden states (§3.2); [] without MTP."""
+        if not self.text.num_mtp_modules:
+            return []
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+        cos, sin, causal = self.layer_inputs(position_ids)
+
+        def run_layer(layer: nn.Module, x: Tensor) -> Tensor:
+            return layer(x, cos, sin, position_ids, causal)
+
+        return mtp_forward(self.mtp, hidden_states, input_ids, self.embed_tokens, lm_head, run_layer)
+
+
+class M3ForCausalLM(nn.Module):
+    """M3 text model plus the untied `lm_head` (§2.1.3)."""
+
+    def __init__(self, text: TextSpec) -> None:
+        super().__init__()
+        self.model = M3TextModel(text)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+
+    @classmethod
+    def from_config(
+        cls, spec: M3Spec, device: str | torch.device | None = None, *, seed: int | None = None
+    ) -> M3ForCausalLM:
+        """Build in the spec's dtype. On "meta" nothing is initialised; otherwise a deterministic
+        random init from `seed`, else `spec.weights.random.seed`, else 0 (m3export.model.init)."""
+        device = torch.device(device or "cpu")
+        with device:
+            model = cls(spec.text)
+        if device.type != "meta":
+            if seed is None:
+                seed = spec.weights.random.seed if spec.weights.random is not None else 0
+            init_weights(model, seed)
+        return model.to(getattr(torch, spec.dtype)).eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path | M3Spec,
+        *,
+        spec: M3Spec | None = None,
+        device: str | torch.device | None = None,
+    ) -> M3ForCausalLM:
+        """Load an HF-layout checkpoint directory (§6.1). `source` is the directory, or a spec whose
+        `weights.checkpoint` names it; `spec` overrides the architecture read from config.json."""
+        from m3export.model.checkpoint import load_checkpoint
+        from m3export.spec import from_hf_config
+
+        if isinstance(source, M3Spec):
+            if source.weights.checkpoint is None:
+                raise ValueError(f"spec {source.name!r} has random weights; use M3ForCausalLM.from_config")
+            spec, path = spec or source, Path(source.weights.checkpoint)
+        else:
+            path = Path(source)
+            spec = spec or from_hf_config(path)
+        model = cls.from_config(spec, device="meta").to_empty(device=device or "cpu")
+        load_checkpoint(model, path)
+        return model.eval()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> M3CausalLMOutput:
+        """Logits [B, S, V], MTP logits per depth (when MTP exists and input_ids are given), hidden [B, S, H]."""
+        hidden = self.model(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids)
+        mtp = None
+        if input_ids is not None and self.model.text.num_mtp_modules:
+            mtp = self.model.mtp_logits(hidden, input_ids, self.lm_head, position_ids)
+        return M3CausalLMOutput(self.lm_head(hidden), mtp, hidden)
