@@ -180,3 +180,15 @@ def test_from_hf_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(SpecError, match="not valid JSON"):
         from_hf_config(tmp_path)
+
+
+def test_from_hf_reads_transformers_saved_config(tmp_path: Path) -> None:
+    """transformers' save_pretrained writes the flattened index_* fields and layer_types, not
+    sparse_attention_config: MSA must survive the round trip (else the model silently runs dense)."""
+    from transformers.models.minimax_m3_vl import MiniMaxM3VLConfig
+
+    s = parse_spec(tiny())
+    MiniMaxM3VLConfig(**to_hf_config(s)).save_pretrained(tmp_path)
+    back = from_hf_config(tmp_path, name="m3-tiny")
+    assert back.text.sparse_attention_config == s.text.sparse_attention_config
+    assert back.text == s.text.model_copy(update={"num_mtp_modules": 0})

@@ -88,9 +88,67 @@ def spec_hash(spec: M3Spec | dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # HF config.json mapping (m3-architecture.md §1)
 
-_TEXT_KEYS = ["hidden_size", "intermediate_size", "dense_intermediate_size", "shared_intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "use_gemma_norm", "attention_output_gate", "rope_theta", "rotary_dim", "hidden_act", "use_qk_norm", "qk_norm_type", "tie_word_embeddings", "num_local_experts", "num_experts_per_tok", "n_shared_experts", "scoring_func", "use_routing_bias", "routed_scaling_factor", "moe_layer_freq", "swiglu_alpha", "swiglu_beta", "swiglu_limit", "sparse_attention_config", "num_mtp_modules", "bos_token_id", "eos_token_id", "pad_token_id"]
-_VISION_KEYS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size", "num_channels", "temporal_patch_size", "spatial_merge_size", "rope_theta", "hidden_act", "layer_norm_eps", "vision_segment_max_frames", "image_size"]
-_MM_KEYS = ["image_token_index", "video_token_index", "projector_hidden_size", "projector_hidden_act", "multimodal_projector_bias", "patch_merge_bias", "vision_feature_layer", "vision_feature_select_strategy"]
+_TEXT_KEYS = [
+    "hidden_size",
+    "intermediate_size",
+    "dense_intermediate_size",
+    "shared_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "use_gemma_norm",
+    "attention_output_gate",
+    "rope_theta",
+    "rotary_dim",
+    "hidden_act",
+    "use_qk_norm",
+    "qk_norm_type",
+    "tie_word_embeddings",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "scoring_func",
+    "use_routing_bias",
+    "routed_scaling_factor",
+    "moe_layer_freq",
+    "swiglu_alpha",
+    "swiglu_beta",
+    "swiglu_limit",
+    "sparse_attention_config",
+    "num_mtp_modules",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+]
+_VISION_KEYS = [
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "patch_size",
+    "num_channels",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "rope_theta",
+    "hidden_act",
+    "layer_norm_eps",
+    "vision_segment_max_frames",
+    "image_size",
+]
+_MM_KEYS = [
+    "image_token_index",
+    "video_token_index",
+    "projector_hidden_size",
+    "projector_hidden_act",
+    "multimodal_projector_bias",
+    "patch_merge_bias",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+]
 
 
 def _text_from_hf(tc: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +169,20 @@ def _text_from_hf(tc: dict[str, Any]) -> dict[str, Any]:
         n = out.get("num_hidden_layers", 0)
         out["moe_layer_freq"] = [1 if t == "sparse" else 0 for t in mlp_types] if mlp_types else [1] * n
     sa = out.get("sparse_attention_config")
+    layer_types = tc.get("layer_types")
+    if sa is None and "index_block_size" in tc and isinstance(layer_types, list):
+        # The newer HF port (what transformers' save_pretrained writes) flattens the MSA config (§1.3).
+        freq = [1 if t == "minimax_m3_sparse" else 0 for t in layer_types]
+        sa = out["sparse_attention_config"] = {
+            "use_sparse_attention": any(freq),
+            "sparse_block_size": tc["index_block_size"],
+            "sparse_topk_blocks": tc.get("index_topk_blocks"),
+            "sparse_num_index_heads": tc.get("index_n_heads"),
+            "sparse_index_dim": tc.get("index_head_dim"),
+            "sparse_local_block": tc.get("index_local_blocks", 1),
+            "sparse_attention_freq": freq,
+            "sparse_disable_index_value": freq,
+        }
     if isinstance(sa, dict):
         sa = dict(sa)
         n = out.get("num_hidden_layers", 0)
@@ -197,7 +269,7 @@ def to_hf_config(spec: M3Spec) -> dict[str, Any]:
     t = spec.text
     text = {k: getattr(t, k) for k in _TEXT_KEYS if k != "sparse_attention_config"}
     text.update(
-        model_type="minimax_m3",
+        model_type="minimax_m3_vl_text",
         partial_rotary_factor=t.partial_rotary_factor,
         rope_parameters={
             "rope_type": "default",
@@ -223,7 +295,7 @@ def to_hf_config(spec: M3Spec) -> dict[str, Any]:
             index_local_blocks=sa.sparse_local_block,
         )
     if not spec.is_vl:
-        return {"architectures": ["MiniMaxM3SparseForCausalLM"], **text}
+        return {"architectures": ["MiniMaxM3VLForCausalLM"], **text}
     assert spec.vision is not None and spec.multimodal is not None
     v = spec.vision
     vision = {k: getattr(v, k) for k in _VISION_KEYS}
