@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	# torch pinned exactly: the CPU build on this machine; anything looser pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# transformers' M3 image processor (the preprocessing oracle) needs torchvision; the PyPI wheel
+	# cannot load beside the CPU torch, so it lives outside the venv's site-packages and only the
+	# oracle subprocess in tests/test_preprocess.py puts it on its path.
+	$(PY) -m pip install -q --no-deps --target $(VENV)/torchvision-oracle torchvision==0.28.0
 	touch $(STAMP)
 
 setup: $(STAMP)

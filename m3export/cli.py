@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 spec_app = typer.Typer(help="Validate, describe and create variant specs.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
+model_app = typer.Typer(help="Run the eager PyTorch model a spec describes.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 
 def _echo_err(msg: str) -> None:
@@ -62,6 +64,47 @@ def spec_from_hf(
     tmp.write_text(text)
     tmp.replace(output)
     typer.echo(f"wrote {output}")
+
+
+@model_app.command("forward")
+def model_forward(
+    spec_file: Annotated[Path, typer.Argument(help="YAML spec file")],
+    input_ids: Annotated[
+        str,
+        typer.Option(
+            "--input-ids",
+            help="comma-separated token ids, e.g. '1,2,3'. Write the image token id "
+            "(multimodal.image_token_index) once per --image, where the image goes; it is expanded "
+            "to the image's feature tokens.",
+        ),
+    ],
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image", metavar="FILE", help="image file (PNG, JPEG, ...); repeat for several, in prompt order"
+        ),
+    ] = None,
+    logits_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--logits-out", metavar="FILE.npy", help="write the logits [1, S, V] float32 to this .npy file"
+        ),
+    ] = None,
+) -> None:
+    """Run the eager model on one prompt; print the logits shape and the last position's top-1 token.
+
+    Weights are the spec's (random seed or checkpoint). Each --image expands one image token id in --input-ids.
+    """
+    from m3export.forward import run_forward
+    from m3export.spec import load_spec
+
+    result = run_forward(load_spec(spec_file), input_ids, image or [], logits_out)
+    typer.echo(
+        f"logits {list(result.logits.shape)} ({result.num_images} image(s)); "
+        f"top-1 token at the last position: {result.top1_last}"
+    )
+    if result.logits_path is not None:
+        typer.echo(f"wrote {result.logits_path}")
 
 
 def main() -> None:

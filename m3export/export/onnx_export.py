@@ -1,0 +1,141 @@
+"""Export an nn.Module to ONNX with torch's dynamo exporter: named I/O, dynamic axes, external data.
+
+The MoE custom op is lowered by the `MoELowering` the caller passes; weight transforms the
+lowering tagged (interleave, scale) are folded into initializers here, whatever their size.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from m3export.ops.lowering import FOLD_KEY, MoELowering, check_lowered_graph, count_nodes
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxArtifact:
+    """One exported ONNX file and what a later stage needs to know about it."""
+
+    path: Path
+    data_path: Path | None  # external weights file, None when the graph holds no initializers
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    lowering: str | None
+    node_counts: dict[str, int]  # "op_type" or "domain::op_type" -> count
+    export_seconds: float
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    out_path: Path,
+    *,
+    output_names: Sequence[str],
+    dynamic_axes: Mapping[str, Mapping[int, str]],
+    opset: int,
+    lowering: MoELowering | None = None,
+) -> OnnxArtifact:
+    """Export `module(**inputs)`; axes sharing a name in `dynamic_axes` share one symbolic dim.
+
+    `inputs` keys must be the forward's parameter names (they become the graph input names).
+    Weights go to `<out_path>.data`. Raises if the graph holds non-standard nodes other than the
+    lowering's own.
+    """
+    import onnx
+    import torch
+
+    import m3export.ops.moe  # noqa: F401  (torch.ops.m3.moe must exist to be counted)
+
+    start = time.perf_counter()
+    dims: dict[str, torch.export.Dim] = {}
+    dynamic_shapes = {
+        name: {
+            axis: dims.setdefault(dim, torch.export.Dim(dim))
+            for axis, dim in dynamic_axes.get(name, {}).items()
+        }
+        for name in inputs
+    }
+    unknown = set(dynamic_axes) - set(inputs)
+    if unknown:
+        raise ValueError(f"dynamic_axes names unknown inputs {sorted(unknown)}; inputs: {list(inputs)}")
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # Emitted once per input that shares a named dim with another; the names are applied anyway.
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
+        program = torch.onnx.export(
+            module,
+            (),
+            kwargs=dict(inputs),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            input_names=list(inputs),
+            output_names=list(output_names),
+            custom_translation_table=lowering.translation_table() if lowering else None,
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    _fold_tagged(program.model)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data_path = out_path.with_name(out_path.name + ".data")
+    data_path.unlink(missing_ok=True)  # never leave a stale weights file next to a new graph
+    program.save(out_path, external_data=True)
+
+    model = onnx.load(out_path, load_external_data=False)
+    _check_dynamic_axes(model, dynamic_axes)
+    assert program.exported_program is not None
+    num_moe = sum(1 for n in program.exported_program.graph.nodes if n.target is torch.ops.m3.moe.default)
+    check_lowered_graph(model, lowering, num_moe)
+    counts = count_nodes(model)
+    return OnnxArtifact(
+        path=out_path,
+        data_path=data_path if data_path.exists() else None,
+        opset=opset,
+        input_names=tuple(i.name for i in model.graph.input),
+        output_names=tuple(o.name for o in model.graph.output),
+        lowering=lowering.name if lowering else None,
+        node_counts={(f"{d}::{t}" if d else t): n for (d, t), n in sorted(counts.items())},
+        export_seconds=time.perf_counter() - start,
+    )
+
+
+def _fold_tagged(model: object) -> None:
+    """Fold the weight-transform nodes a lowering tagged, regardless of onnxscript's size limits."""
+    from onnxscript import ir, optimizer
+
+    assert isinstance(model, ir.Model)
+    tagged = {n for n in model.graph.all_nodes() if n.metadata_props.get(FOLD_KEY) == "1"}
+    if not tagged:
+        return
+    optimizer.fold_constants(model, should_fold=lambda node: True if node in tagged else None)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    for node in model.graph.all_nodes():
+        if node.metadata_props.pop(FOLD_KEY, None) is not None:
+            raise AssertionError(f"weight transform {node.op_type} ({node.name}) could not be folded")
+
+
+def _check_dynamic_axes(model: object, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
+    """torch 2.13 silently specialises a dynamic axis traced at size 1 (no guard error): catch it."""
+    import onnx
+
+    assert isinstance(model, onnx.ModelProto)
+    for graph_input in model.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        for axis, name in dynamic_axes.get(graph_input.name, {}).items():
+            if not dims[axis].dim_param:
+                raise ValueError(
+                    f"input {graph_input.name!r} axis {axis} ({name!r}) came out static "
+                    f"({dims[axis].dim_value}): the exporter specialised it; trace with a size ≥ 2 "
+                    "that no other dimension shares"
+                )
