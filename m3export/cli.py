@@ -107,6 +107,53 @@ def model_forward(
         typer.echo(f"wrote {result.logits_path}")
 
 
+@app.command("build")
+def build_cmd(
+    spec_file: Annotated[Path, typer.Argument(help="YAML spec file")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="artifact directory (default: artifacts/<spec.name>)"),
+    ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only",
+            metavar="NAMES",
+            help="comma-separated subgraphs to export (e.g. text_0,text_1); the chained steps a and c "
+            "then run only if every subgraph is named",
+        ),
+    ] = None,
+    moe: Annotated[
+        str | None,
+        typer.Option("--moe", metavar="LOWERING", help="MoE lowering overriding the spec's export.moe"),
+    ] = None,
+) -> None:
+    """Split, export to ONNX and gate on parity (split, onnx, end_to_end); publish to --out.
+
+    Exit 0 when every parity check passed, 1 on a parity failure (the build goes to <out>.failed and
+    <out> is left intact), 2 on a user error.
+    """
+    from m3export.pipeline import build, parity_rows
+    from m3export.spec import load_spec
+
+    spec = load_spec(spec_file)
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    result = build(spec, out or Path("artifacts") / spec.name, names, progress=typer.echo, lowering=moe)
+    header = ("subgraph", "step", "case", "output", "max_abs", "cosine", "top1", "result")
+    rows = [header, *parity_rows(result.reports)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+    if result.passed:
+        typer.echo(f"build {spec.name}: pass ({result.seconds:.1f} s) -> {result.out_dir}")
+        return
+    _echo_err(
+        f"build {spec.name}: parity FAILED in {', '.join(result.failed_subjects())} "
+        f"({result.seconds:.1f} s) -> {result.out_dir}"
+    )
+    raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
     try:

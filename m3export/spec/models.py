@@ -253,7 +253,7 @@ class PipelineSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    targets: list[Literal["onnx", "trt"]] = Field(default_factory=lambda: ["onnx"])
+    targets: list[Literal["onnx", "trt"]] = ["onnx"]
     moe: Literal["ort", "portable"] = "ort"
     opset: int = Field(23, ge=18, le=23)
 

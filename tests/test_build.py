@@ -1,0 +1,94 @@
+"""`m3export build`: split + ONNX export + parity gate, end to end on m3-tiny (CPU, ~75 s)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from clihelp import run_cli
+
+from m3export.artifacts import sha256_file
+from m3export.ops.lowering import lowering_names, register_lowering
+from m3export.ops.lowering_ort import make_ort_lowering
+from m3export.spec import M3Spec
+
+SPEC = Path(__file__).resolve().parents[1] / "specs" / "m3-tiny.yaml"
+BUG = "test-ort-no-interleave"
+
+
+def _moe_layers(spec: M3Spec, layers: list[int]) -> int:
+    return sum(spec.text.is_moe_layer(i) for i in layers)
+
+
+def test_build_ort_passes_and_writes_a_manifest(
+    tmp_path: Path, tiny_spec: M3Spec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m3-tiny"
+    code, stdout, stderr = run_cli(["build", str(SPEC), "--out", str(out)], capsys)
+    assert code == 0, stdout + stderr
+    assert "[a split]" in stdout and "[b onnx]" in stdout and "[c end_to_end]" in stdout
+    assert "FAIL" not in stdout and "build m3-tiny: pass" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["status"] == "pass"
+    assert manifest["moe_lowering"] == "ort" and len(manifest["spec_hash"]) == 64
+    subs = manifest["subgraphs"]
+    assert set(subs) == {"vision", "text_0", "text_1", "mtp"}  # manifest keys are sorted
+    for name, sub in subs.items():
+        for rel, digest in sub["files"].items():
+            assert sha256_file(out / rel) == digest, rel
+        assert f"{name}/{name}.onnx" in sub["files"] and f"{name}/golden_inputs.npz" in sub["files"]
+        assert sub["parity"] and all(r["passed"] for r in sub["parity"])
+        cases = {r["case"] for r in sub["parity"]}
+        assert {"b2_s40_img2", "b2_s12_img1"} <= cases  # seq 40 drops MSA blocks; batch 2; images
+        moe = sub["node_counts"].get("com.microsoft::MoE", 0)
+        if sub["kind"] == "text":
+            assert moe == _moe_layers(tiny_spec, sub["layers"]) > 0, name
+        elif sub["kind"] == "mtp":
+            assert moe == tiny_spec.text.num_mtp_modules
+        else:
+            assert moe == 0
+    steps = {r["step"] for r in manifest["parity"]}
+    assert steps == {"split", "end_to_end"}
+    split = [o for r in manifest["parity"] if r["step"] == "split" for o in r["outputs"]]
+    assert split and all(o["max_abs"] == 0.0 for o in split)
+    assert not (tmp_path / "m3-tiny.failed").exists()
+
+
+def test_build_portable_text_stage_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "portable"
+    code, stdout, stderr = run_cli(
+        ["build", str(SPEC), "--out", str(out), "--only", "text_1", "--moe", "portable"], capsys
+    )
+    assert code == 0, stdout + stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "pass" and list(manifest["subgraphs"]) == ["text_1"]
+    counts = manifest["subgraphs"]["text_1"]["node_counts"]
+    assert not [k for k in counts if "::" in k]  # default ONNX domain only
+
+
+def test_planted_moe_layout_bug_fails_the_build_and_keeps_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if BUG not in lowering_names():
+        register_lowering(dataclasses.replace(make_ort_lowering(interleave_gate_up=False), name=BUG))
+    out = tmp_path / "m3-tiny"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous good build")
+    code, stdout, stderr = run_cli(
+        ["build", str(SPEC), "--out", str(out), "--only", "text_1", "--moe", BUG], capsys
+    )
+    assert code == 1, stdout + stderr
+    assert "parity FAILED in text_1" in stderr
+    assert "FAIL" in stdout
+    assert (out / "keep.txt").read_text() == "previous good build"
+    failed = json.loads((tmp_path / "m3-tiny.failed" / "manifest.json").read_text())
+    assert failed["status"] == "fail"
+    assert not all(r["passed"] for r in failed["subgraphs"]["text_1"]["parity"])
+
+
+def test_unknown_subgraph_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run_cli(["build", str(SPEC), "--out", str(tmp_path / "x"), "--only", "text_9"], capsys)
+    assert code == 2
+    assert "text_9" in stderr and "text_0" in stderr
