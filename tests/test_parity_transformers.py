@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import spec_variant
+from parityhelp import assert_within as _assert_within
+from parityhelp import stats as _stats
 from safetensors.torch import load_file
 
 import m3export.ops.moe as ops_moe
@@ -60,23 +62,6 @@ def _hf_load(cls: Any, path: Path) -> tuple[Any, dict[str, Any]]:
         path, attn_implementation="eager", dtype=torch.float32, output_loading_info=True
     )
     return model.eval(), info
-
-
-def _stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
-    return {
-        "max_abs": (a - b).abs().max().item(),
-        "cosine": torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item(),
-        "top1": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
-    }
-
-
-def _assert_within(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> dict[str, float]:
-    s = _stats(a, b)
-    assert s["max_abs"] <= tol.max_abs, s
-    assert tol.min_cosine is None or s["cosine"] >= tol.min_cosine, s
-    assert tol.min_top1_agreement is None or s["top1"] >= tol.min_top1_agreement, s
-    return s
 
 
 def _dropped_pairs(model: M3ForCausalLM, ids: torch.Tensor) -> list[int]:

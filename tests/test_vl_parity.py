@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import spec_variant
+from parityhelp import assert_within as _assert_within
+from parityhelp import stats as _stats
 
 from m3export.errors import InputError
 from m3export.model.attention import M3Attention
@@ -108,23 +110,6 @@ def _inputs(case: Case, spec: M3Spec, seed: int) -> Inputs:
     assert all(len(r) <= SEQ - 3 for r in rows), [len(r) for r in rows]
     ids = torch.tensor([r + text(SEQ - len(r)) for r in rows])
     return Inputs({"input_ids": ids, **ours}, {"input_ids": ids, **hf})
-
-
-def _stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
-    return {
-        "max_abs": (a - b).abs().max().item(),
-        "cosine": torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item(),
-        "top1": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
-    }
-
-
-def _assert_within(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> dict[str, float]:
-    s = _stats(a, b)
-    assert s["max_abs"] <= tol.max_abs, s
-    assert tol.min_cosine is None or s["cosine"] >= tol.min_cosine, s
-    assert tol.min_top1_agreement is None or s["top1"] >= tol.min_top1_agreement, s
-    return s
 
 
 def _tol(spec: M3Spec) -> Tolerance:
