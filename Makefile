@@ -43,6 +43,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/forward_latency.py
+	$(PY) bench/build_bench.py
 
 clean:
 	rm -rf $(VENV) artifacts/* .pytest_cache .ruff_cache .mypy_cache

@@ -154,6 +154,44 @@ def build_cmd(
     raise typer.Exit(1)
 
 
+@app.command("run")
+def run_cmd(
+    artifacts: Annotated[Path, typer.Argument(help="artifact directory written by `m3export build`")],
+    input_ids: Annotated[
+        str,
+        typer.Option(
+            "--input-ids",
+            help="comma-separated token ids, e.g. '1,2,3'; write the image token id once per --image "
+            "(expanded to the image's feature tokens, as in `model forward`)",
+        ),
+    ],
+    backend: Annotated[
+        str, typer.Option("--backend", help="ort: the ONNX subgraphs; torch: the eager stage wrappers")
+    ] = "ort",
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", metavar="FILE", help="image file; repeat for several, in prompt order"),
+    ] = None,
+    logits_out: Annotated[
+        Path | None,
+        typer.Option("--logits-out", metavar="FILE.npy", help="write the logits [1, S, V] float32 here"),
+    ] = None,
+) -> None:
+    """Run one prompt through the chained subgraphs of a build; print the logits shape and last top-1.
+
+    Exit 3 when the artifact directory is missing or unreadable, 2 on a user error.
+    """
+    from m3export.run import run_artifacts
+
+    result = run_artifacts(artifacts, backend, input_ids, image or [], logits_out)
+    typer.echo(
+        f"logits {list(result.logits.shape)} ({result.num_images} image(s), backend {result.backend}); "
+        f"top-1 token at the last position: {result.top1_last}"
+    )
+    if result.logits_path is not None:
+        typer.echo(f"wrote {result.logits_path}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
     try:

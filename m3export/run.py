@@ -1,0 +1,179 @@
+"""`m3export run`: one prompt through a built artifact directory, chained subgraph by subgraph.
+
+The spec is recreated from the manifest's canonical copy, the prompt is prepared as
+`m3export model forward` prepares it (token ids parsed, images preprocessed, one placeholder per
+image expanded to its feature tokens), the host vision inputs and position ids are computed, and
+the planned subgraphs run in plan order, each fed by name from the inputs and earlier outputs:
+
+- backend `ort`:   one `OrtRunner` per subgraph ONNX file `<name>/<name>.onnx` of the artifacts;
+- backend `torch`: the eager model the spec describes (its random seed or checkpoint), cut into the
+                   same stage wrappers (`split.subgraphs.build_stage`), one `TorchRunner` each.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from m3export.artifacts import MANIFEST, read_manifest
+from m3export.errors import ArtifactError, InputError
+from m3export.spec import M3Spec
+from m3export.split.plan import SubgraphPlan
+
+Backend = Literal["ort", "torch"]
+BACKENDS: tuple[str, ...] = ("ort", "torch")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """logits [1, S, V] float32 (S counts every expanded image token) and every produced value."""
+
+    logits: np.ndarray
+    num_images: int
+    backend: str
+    values: dict[str, np.ndarray]
+    logits_path: Path | None = None
+
+    @property
+    def top1_last(self) -> int:
+        return int(self.logits[0, -1].argmax())
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """A built artifact directory: its manifest, the spec it was built from and the plans it holds."""
+
+    root: Path
+    manifest: dict[str, Any]
+    spec: M3Spec
+    plans: list[SubgraphPlan]
+
+    def onnx_path(self, plan: SubgraphPlan) -> Path:
+        path = self.root / plan.name / f"{plan.name}.onnx"
+        if not path.is_file():
+            raise ArtifactError(f"{self.root}: subgraph {plan.name} has no {plan.name}/{plan.name}.onnx")
+        return path
+
+
+def load_artifacts(root: str | os.PathLike) -> Artifacts:
+    """Read manifest.json, recreate the spec from its canonical copy and the plans the build exported."""
+    from m3export.spec import parse_spec
+    from m3export.split.plan import plan_subgraphs
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    if not isinstance(manifest.get("spec"), dict) or not isinstance(manifest.get("subgraphs"), dict):
+        raise ArtifactError(f"{root / MANIFEST}: missing the 'spec' or 'subgraphs' section")
+    spec = parse_spec(manifest["spec"], source=f"{root / MANIFEST} (spec)")
+    built = manifest["subgraphs"]
+    plans = [p for p in plan_subgraphs(spec) if p.name in built]
+    missing = [p.name for p in plan_subgraphs(spec) if p.kind == "text" and p.name not in built]
+    if missing:
+        raise ArtifactError(
+            f"{root}: the build has no text subgraph(s) {missing} (built with --only?); rebuild them all"
+        )
+    return Artifacts(root, manifest, spec, plans)
+
+
+def prepare_inputs(
+    spec: M3Spec, input_ids: str, images: Sequence[str | os.PathLike] = ()
+) -> tuple[dict[str, Tensor], int]:
+    """Graph inputs of one prompt (batch 1): input_ids, position_ids and, with images, the vision inputs.
+
+    Ids and images are handled as `m3export model forward` handles them (same parser, preprocessing
+    and placeholder expansion).
+    """
+    from m3export.forward import parse_token_ids
+    from m3export.model.vision_inputs import build_vision_inputs
+    from m3export.preprocess import expand_image_placeholders, preprocess_images
+
+    ids = parse_token_ids(input_ids)
+    vocab = spec.text.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    inp: dict[str, Tensor] = {}
+    if images:
+        if spec.vision is None or spec.multimodal is None:
+            raise InputError(f"spec {spec.name!r} is text-only (no vision section): it takes no images")
+        px = preprocess_images(images, spec.vision)
+        ids = expand_image_placeholders(
+            ids, spec.multimodal.image_token_index, px.grid_thw, merge_size=spec.vision.spatial_merge_size
+        )
+        vi = build_vision_inputs(px.grid_thw, spec.vision, num_patches=px.pixel_values.shape[0])
+        inp["pixel_values"] = px.pixel_values.to(getattr(torch, spec.dtype))
+        inp["vision_cos"], inp["vision_sin"] = vi.rope_cos, vi.rope_sin
+        inp["vision_segment_ids"] = vi.segment_ids
+    elif spec.multimodal is not None and spec.multimodal.image_token_index in ids:
+        raise InputError(
+            f"--input-ids hold the image token id {spec.multimodal.image_token_index} but no --image was given"
+        )
+    if not ids:
+        raise InputError("--input-ids is empty")
+    inp["input_ids"] = torch.tensor([ids], dtype=torch.int64)
+    inp["position_ids"] = torch.arange(len(ids), dtype=torch.int64)[None, :]
+    return inp, len(images)
+
+
+def make_runners(arts: Artifacts, backend: str) -> dict[str, Any]:
+    """One runner per built subgraph: ORT on the ONNX files, or torch on the eager stage wrappers."""
+    if backend == "ort":
+        from m3export.runners.ort_runner import OrtRunner
+
+        return {p.name: OrtRunner(arts.onnx_path(p)) for p in arts.plans}
+    if backend == "torch":
+        from m3export.forward import load_model
+        from m3export.runners.torch_runner import TorchRunner
+        from m3export.split.subgraphs import build_stage
+
+        spec = arts.spec
+        model = load_model(spec).eval()
+        image_token = spec.multimodal.image_token_index if spec.multimodal else None
+        return {
+            p.name: TorchRunner(build_stage(model, p, image_token), p.output_names, f"torch:{p.name}")
+            for p in arts.plans
+        }
+    raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def run_chain(
+    arts: Artifacts, runners: dict[str, Any], inp: dict[str, Tensor], num_images: int, backend: str
+) -> RunResult:
+    """Run the built subgraphs in plan order (vision skipped without images)."""
+    from m3export.pipeline import _run_chain
+
+    if num_images and not any(p.kind == "vision" for p in arts.plans):
+        raise ArtifactError(f"{arts.root}: the build has no vision subgraph, so it cannot take --image")
+    values, _ = _run_chain(arts.plans, arts.spec, inp, lambda plan, feed: runners[plan.name].infer(feed))
+    logits = np.asarray(values["logits"], dtype=np.float32)
+    return RunResult(logits, num_images, backend, values)
+
+
+def run_artifacts(
+    artifacts: str | os.PathLike,
+    backend: str,
+    input_ids: str,
+    images: Sequence[str | os.PathLike] = (),
+    logits_out: str | os.PathLike | None = None,
+) -> RunResult:
+    """The `run` command: load the artifacts, prepare the prompt, run the chain, optionally save logits."""
+    from dataclasses import replace
+
+    from m3export.forward import _check_logits_path, save_logits
+
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    arts = load_artifacts(artifacts)
+    out = _check_logits_path(Path(logits_out)) if logits_out is not None else None  # fail before running
+    inp, n_images = prepare_inputs(arts.spec, input_ids, images)
+    result = run_chain(arts, make_runners(arts, backend), inp, n_images, backend)
+    if out is None:
+        return result
+    return replace(result, logits_path=save_logits(torch.from_numpy(result.logits), out))

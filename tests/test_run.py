@@ -1,0 +1,86 @@
+"""`m3export run`: a prompt through the chained subgraphs of a tiny build, ORT vs torch (CPU, ~60 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clihelp import run_cli
+from PIL import Image
+
+from m3export.forward import forward_prompt, parse_token_ids
+from m3export.parity import compare_outputs
+from m3export.pipeline import build
+from m3export.spec import M3Spec
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, tiny_spec: M3Spec) -> Path:
+    result = build(tiny_spec, tmp_path_factory.mktemp("run") / "m3-tiny")
+    assert result.passed, result.failed_subjects()
+    return result.out_dir
+
+
+def _image(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((60, 90, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_run_ort_and_torch_agree(
+    tiny_build: Path, tiny_spec: M3Spec, tmp_path: Path, capsys: pytest.CaptureFixture[str], with_image: bool
+) -> None:
+    assert tiny_spec.multimodal is not None
+    ids = f"5,6,{tiny_spec.multimodal.image_token_index},7,8" if with_image else "5,6,7,8,9,10,11"
+    extra = ["--image", str(_image(tmp_path / "img.png"))] if with_image else []
+    logits = {}
+    for backend in ("ort", "torch"):
+        out = tmp_path / f"{backend}.npy"
+        args = ["run", str(tiny_build), "--backend", backend, "--input-ids", ids, "--logits-out", str(out)]
+        code, stdout, stderr = run_cli(args + extra, capsys)
+        assert code == 0, stdout + stderr
+        assert f"backend {backend}" in stdout and "top-1 token at the last position" in stdout
+        logits[backend] = np.load(out)
+    if with_image:  # 60x90 -> smart_resize 56x84 -> grid [1, 4, 6] -> 6 image tokens
+        assert logits["ort"].shape == (1, 4 + 6, tiny_spec.text.vocab_size)
+    else:
+        assert logits["ort"].shape == (1, 7, tiny_spec.text.vocab_size)
+    tol = tiny_spec.tolerances.end_to_end
+    assert tol is not None
+    rep = compare_outputs(
+        "end_to_end",
+        "run",
+        "cli",
+        {"logits": logits["ort"]},
+        {"logits": logits["torch"]},
+        tol,
+        {"logits": "logits"},
+    )
+    assert rep.passed, rep.failures
+    # The torch chain is the `model forward` model cut into stages: bit-identical to it.
+    images = [tmp_path / "img.png"] if with_image else []
+    ref = forward_prompt(tiny_spec, parse_token_ids(ids), images).logits.numpy()
+    np.testing.assert_array_equal(logits["torch"], ref)
+
+
+def test_run_missing_artifacts_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run_cli(["run", str(tmp_path / "nope"), "--input-ids", "1,2"], capsys)
+    assert code == 3
+    assert stderr.startswith("error: ") and "manifest.json" in stderr and stderr.count("\n") == 1
+
+
+def test_run_unreadable_manifest_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "manifest.json").write_text("{not json")
+    code, _, stderr = run_cli(["run", str(tmp_path), "--input-ids", "1,2"], capsys)
+    assert code == 3 and "not valid JSON" in stderr
+
+
+def test_run_image_token_without_image_is_an_input_error(
+    tiny_build: Path, tiny_spec: M3Spec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert tiny_spec.multimodal is not None
+    ids = f"5,{tiny_spec.multimodal.image_token_index},6"
+    code, _, stderr = run_cli(["run", str(tiny_build), "--input-ids", ids], capsys)
+    assert code == 2 and "no --image" in stderr
