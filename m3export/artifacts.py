@@ -67,7 +67,9 @@ def read_manifest(out: Path) -> dict[str, Any]:
 
     path = out / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{out}: no {MANIFEST} (not an m3export artifact directory, or the build did not finish)")
+        raise ArtifactError(
+            f"{out}: no {MANIFEST} (not an m3export artifact directory, or the build did not finish)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
