@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from m3export.errors import CheckpointError
+from m3export.errors import CheckpointError, SpecError
 from m3export.model.checkpoint_files import INDEX_NAME, DiskTensor, read_checkpoint, read_into
 from m3export.model.hf_keys import (
     SCALE_SUFFIX,
@@ -301,3 +301,18 @@ def _assign(model: nn.Module, name: str, value: Tensor) -> None:
         mod._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
     else:
         mod._buffers[attr] = value
+
+
+def resolve_pretrained(source: str | Path | M3Spec, spec: M3Spec | None) -> tuple[M3Spec, Path]:
+    """(spec, checkpoint dir) for `from_pretrained`: `source` is a directory, or a spec whose
+    `weights.checkpoint` names one; `spec` overrides the architecture read from config.json."""
+    from m3export.spec import from_hf_config
+
+    if isinstance(source, M3Spec):
+        if source.weights.checkpoint is None:
+            raise SpecError(
+                f"spec {source.name!r} has random weights: build it with from_config, not from_pretrained"
+            )
+        return spec or source, Path(source.weights.checkpoint)
+    path = Path(source)
+    return spec or from_hf_config(path), path

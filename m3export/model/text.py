@@ -153,16 +153,9 @@ class M3ForCausalLM(nn.Module):
     ) -> M3ForCausalLM:
         """Load an HF-layout checkpoint directory (§6.1). `source` is the directory, or a spec whose
         `weights.checkpoint` names it; `spec` overrides the architecture read from config.json."""
-        from m3export.model.checkpoint import load_checkpoint
-        from m3export.spec import from_hf_config
+        from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
 
-        if isinstance(source, M3Spec):
-            if source.weights.checkpoint is None:
-                raise ValueError(f"spec {source.name!r} has random weights; use M3ForCausalLM.from_config")
-            spec, path = spec or source, Path(source.weights.checkpoint)
-        else:
-            path = Path(source)
-            spec = spec or from_hf_config(path)
+        spec, path = resolve_pretrained(source, spec)
         model = cls.from_config(spec, device="meta").to_empty(device=device or "cpu")
         load_checkpoint(model, path)
         return model.eval()
