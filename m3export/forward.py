@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 
 from m3export.errors import InputError
 from m3export.spec import M3Spec
+
+if TYPE_CHECKING:
+    from m3export.preprocess import PixelInputs
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,29 @@ def load_model(spec: M3Spec) -> nn.Module:
     return cls.from_config(spec)
 
 
+def prepare_prompt(
+    spec: M3Spec, token_ids: Sequence[int], images: Sequence[str | os.PathLike]
+) -> tuple[list[int], PixelInputs | None]:
+    """Validate ids against the vocabulary, preprocess the images (§4.7) and expand one image
+    placeholder per image into its feature tokens. Shared by `model forward` and `run`."""
+    from m3export.preprocess import expand_image_placeholders, preprocess_images
+
+    vocab = spec.text.vocab_size
+    bad = [t for t in token_ids if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    ids = list(token_ids)
+    if not images:
+        return ids, None
+    if spec.vision is None or spec.multimodal is None:
+        raise InputError(f"spec {spec.name!r} is text-only (no vision section): it takes no images")
+    px = preprocess_images(images, spec.vision)
+    ids = expand_image_placeholders(
+        ids, spec.multimodal.image_token_index, px.grid_thw, merge_size=spec.vision.spatial_merge_size
+    )
+    return ids, px
+
+
 def forward_prompt(
     spec: M3Spec,
     token_ids: Sequence[int],
@@ -65,22 +92,10 @@ def forward_prompt(
     model: nn.Module | None = None,
 ) -> ForwardResult:
     """Expand one image placeholder per image, preprocess the images (§4.7) and run the eager model."""
-    from m3export.preprocess import expand_image_placeholders, preprocess_images
-
-    vocab = spec.text.vocab_size
-    bad = [t for t in token_ids if not 0 <= t < vocab]
-    if bad:
-        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     model = model if model is not None else load_model(spec)
+    ids, px = prepare_prompt(spec, token_ids, images)
     kwargs: dict[str, Tensor] = {}
-    ids = list(token_ids)
-    if images:
-        if spec.vision is None or spec.multimodal is None:
-            raise InputError(f"spec {spec.name!r} is text-only (no vision section): it takes no images")
-        px = preprocess_images(images, spec.vision)
-        ids = expand_image_placeholders(
-            ids, spec.multimodal.image_token_index, px.grid_thw, merge_size=spec.vision.spatial_merge_size
-        )
+    if px is not None:
         kwargs = {"pixel_values": px.pixel_values, "image_grid_thw": px.grid_thw}
     with torch.no_grad():
         out = model(torch.tensor([ids]), **kwargs)

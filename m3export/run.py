@@ -90,23 +90,13 @@ def prepare_inputs(
     Ids and images are handled as `m3export model forward` handles them (same parser, preprocessing
     and placeholder expansion).
     """
-    from m3export.forward import parse_token_ids
+    from m3export.forward import parse_token_ids, prepare_prompt
     from m3export.model.vision_inputs import build_vision_inputs
-    from m3export.preprocess import expand_image_placeholders, preprocess_images
 
-    ids = parse_token_ids(input_ids)
-    vocab = spec.text.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    ids, px = prepare_prompt(spec, parse_token_ids(input_ids), images)
     inp: dict[str, Tensor] = {}
-    if images:
-        if spec.vision is None or spec.multimodal is None:
-            raise InputError(f"spec {spec.name!r} is text-only (no vision section): it takes no images")
-        px = preprocess_images(images, spec.vision)
-        ids = expand_image_placeholders(
-            ids, spec.multimodal.image_token_index, px.grid_thw, merge_size=spec.vision.spatial_merge_size
-        )
+    if px is not None:
+        assert spec.vision is not None
         vi = build_vision_inputs(px.grid_thw, spec.vision, num_patches=px.pixel_values.shape[0])
         inp["pixel_values"] = px.pixel_values.to(getattr(torch, spec.dtype))
         inp["vision_cos"], inp["vision_sin"] = vi.rope_cos, vi.rope_sin

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from m3export.model.attention import M3Attention
 from m3export.spec import Tolerance
 
 
@@ -23,3 +26,24 @@ def assert_within(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> dict[str,
     assert tol.min_cosine is None or s["cosine"] >= tol.min_cosine, s
     assert tol.min_top1_agreement is None or s["top1"] >= tol.min_top1_agreement, s
     return s
+
+
+def dropped_pairs(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list[int]:
+    """Per sparse attention (MTP block included): causal (query, key, head) pairs that MSA selection
+    removed during `model(*args, **kwargs)` — > 0 proves the comparison covers dropped blocks."""
+    counts: list[int] = []
+
+    def hook(mod: M3Attention, hook_args: tuple[torch.Tensor, ...]) -> None:
+        x, cos, sin, pos, causal = hook_args
+        counts.append(int((causal & ~mod.msa_keep(x, cos, sin, pos)).sum()))
+
+    handles = [
+        m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, M3Attention) and m.sparse
+    ]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts

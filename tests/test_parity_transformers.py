@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import spec_variant
 from parityhelp import assert_within as _assert_within
+from parityhelp import dropped_pairs
 from parityhelp import stats as _stats
 from safetensors.torch import load_file
 
@@ -64,24 +65,6 @@ def _hf_load(cls: Any, path: Path) -> tuple[Any, dict[str, Any]]:
     return model.eval(), info
 
 
-def _dropped_pairs(model: M3ForCausalLM, ids: torch.Tensor) -> list[int]:
-    """Per sparse layer: causal (query, key, head) pairs that MSA selection removed in this forward."""
-    counts: list[int] = []
-
-    def hook(mod: M3Attention, args: tuple[torch.Tensor, ...]) -> None:
-        x, cos, sin, pos, causal = args
-        counts.append(int((causal & ~mod.msa_keep(x, cos, sin, pos)).sum()))
-
-    handles = [
-        m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, M3Attention) and m.sparse
-    ]
-    with torch.no_grad():
-        model(ids)
-    for h in handles:
-        h.remove()
-    return counts
-
-
 @pytest.fixture(scope="module")
 def ours_to_hf(
     tiny_text_spec: M3Spec, tmp_path_factory: pytest.TempPathFactory
@@ -99,7 +82,7 @@ def test_m3export_checkpoint_in_transformers(
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     for seq, seed in ((DENSE_SEQ, 0), (SPARSE_SEQ, 1)):
         ids = _ids(tiny_text_spec, seq, seed)
-        dropped = _dropped_pairs(ours, ids)
+        dropped = dropped_pairs(ours, ids)
         assert len(dropped) == 3 + tiny_text_spec.text.num_mtp_modules  # + the MTP block
         # seq 12 <= topk·block = 16: MSA is dense causal; seq 64: every sparse layer drops blocks.
         assert all(d == 0 for d in dropped) if seq == DENSE_SEQ else all(d > 0 for d in dropped), dropped
@@ -180,7 +163,7 @@ def test_transformers_checkpoint_in_m3export(tiny_text_spec: M3Spec, tmp_path: P
     for seq, seed in ((DENSE_SEQ, 2), (SPARSE_SEQ, 3)):
         ids = _ids(spec, seq, seed)
         if seq == SPARSE_SEQ:
-            assert all(d > 0 for d in _dropped_pairs(ours, ids))
+            assert all(d > 0 for d in dropped_pairs(ours, ids))
         with torch.no_grad():
             s = _assert_within(ours(ids).logits, hf(ids).logits, _tol(spec))
         print(f"hf->ours seq {seq}: {s}")

@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import spec_variant
 from parityhelp import assert_within as _assert_within
+from parityhelp import dropped_pairs
 from parityhelp import stats as _stats
 
 from m3export.errors import InputError
-from m3export.model.attention import M3Attention
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.text import M3ForCausalLM
 from m3export.model.vl import M3ForConditionalGeneration
@@ -117,24 +117,6 @@ def _tol(spec: M3Spec) -> Tolerance:
     return spec.tolerances.reference
 
 
-def _dropped_pairs(model: M3ForConditionalGeneration, inputs: dict[str, Any]) -> list[int]:
-    """Per sparse attention (MTP block included): causal pairs that MSA selection removed."""
-    counts: list[int] = []
-
-    def hook(mod: M3Attention, args: tuple[torch.Tensor, ...]) -> None:
-        x, cos, sin, pos, causal = args
-        counts.append(int((causal & ~mod.msa_keep(x, cos, sin, pos)).sum()))
-
-    handles = [
-        m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, M3Attention) and m.sparse
-    ]
-    with torch.no_grad():
-        model(**inputs)
-    for h in handles:
-        h.remove()
-    return counts
-
-
 def _hf_load(path: Path) -> tuple[Any, dict[str, Any]]:
     model, info = MiniMaxM3SparseForConditionalGeneration.from_pretrained(
         path, attn_implementation="eager", dtype=torch.float32, output_loading_info=True
@@ -207,7 +189,7 @@ def test_vl_logits_match_transformers(
     ids = inputs.ours["input_ids"]
     placeholders = int((ids == tiny_spec.multimodal.image_token_index).sum())  # type: ignore[union-attr]
     assert placeholders == int(inputs.ours["image_grid_thw"].prod(-1).sum()) // 4 > 0
-    dropped = _dropped_pairs(ours, inputs.ours)
+    dropped = dropped_pairs(ours, **inputs.ours)
     assert dropped and all(d > 0 for d in dropped), dropped  # MSA really drops blocks
     with torch.no_grad():
         got = ours(**inputs.ours)
