@@ -85,7 +85,8 @@ def _median_ms(fns: Mapping[str, Callable[[], object]], warmup: int, runs: int) 
 
 def bench_latency(spec_path: Path, seq: int, threads: int, warmup: int, runs: int) -> None:
     from m3export.forward import load_model
-    from m3export.pipeline import _run_chain, build
+    from m3export.pipeline import build
+    from m3export.runners.chain import run_chain
     from m3export.runners.ort_runner import OrtRunner
     from m3export.runners.torch_runner import TorchRunner
     from m3export.split.plan import plan_subgraphs
@@ -94,16 +95,19 @@ def bench_latency(spec_path: Path, seq: int, threads: int, warmup: int, runs: in
     spec = text_only(load_spec(spec_path))
     plans = plan_subgraphs(spec)
     g = torch.Generator().manual_seed(0)
+    h = spec.text.hidden_size
     inp = {
-        "input_ids": torch.randint(3, spec.text.vocab_size, (1, seq), generator=g),
-        "position_ids": torch.arange(seq)[None, :],
+        "input_ids": torch.randint(3, spec.text.vocab_size, (1, seq), generator=g).numpy(),
+        "position_ids": torch.arange(seq)[None, :].numpy(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         fns: dict[str, Callable[[], dict[str, np.ndarray]]] = {}
         outs: dict[str, np.ndarray] = {}
         for lowering in ("ort", "portable"):
             t0 = time.perf_counter()
-            res = build(spec, Path(tmp) / lowering, lowering=lowering)
+            variant = spec.model_dump(mode="json")
+            variant["export"]["moe"] = lowering
+            res = build(M3Spec.model_validate(variant), Path(tmp) / lowering)
             print(
                 f"{spec.name}: build with lowering {lowering}: {time.perf_counter() - t0:.1f} s "
                 f"({'pass' if res.passed else 'FAIL'})"
@@ -113,16 +117,20 @@ def bench_latency(spec_path: Path, seq: int, threads: int, warmup: int, runs: in
             }
 
             def run_ort(r: dict[str, OrtRunner] = runners) -> dict[str, np.ndarray]:
-                return _run_chain(plans, spec, inp, lambda plan, feed: r[plan.name].infer(feed))[0]
+                return run_chain(
+                    plans, inp, lambda plan, feed: r[plan.name].infer(feed), hidden_size=h
+                ).values
 
             fns[f"ort-{lowering}"] = run_ort
         torch.set_num_threads(threads)
         model = load_model(spec).eval()
-        stages = {p.name: TorchRunner(build_stage(model, p), p.output_names) for p in plans}
+        stages = {p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names) for p in plans}
 
         def run_eager() -> dict[str, np.ndarray]:
             with torch.inference_mode():
-                return _run_chain(plans, spec, inp, lambda plan, feed: stages[plan.name].infer(feed))[0]
+                return run_chain(
+                    plans, inp, lambda plan, feed: stages[plan.name].infer(feed), hidden_size=h
+                ).values
 
         fns["eager"] = run_eager
         for k, fn in fns.items():

@@ -123,12 +123,8 @@ def build_cmd(
             "then run only if every subgraph is named",
         ),
     ] = None,
-    moe: Annotated[
-        str | None,
-        typer.Option("--moe", metavar="LOWERING", help="MoE lowering overriding the spec's export.moe"),
-    ] = None,
 ) -> None:
-    """Split, export to ONNX and gate on parity (split, onnx, end_to_end); publish to --out.
+    """Split, export to ONNX and gate on parity (split, onnx, end_to_end, decode); publish to --out.
 
     Exit 0 when every parity check passed, 1 on a parity failure (the build goes to <out>.failed and
     <out> is left intact), 2 on a user error.
@@ -138,7 +134,7 @@ def build_cmd(
 
     spec = load_spec(spec_file)
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
-    result = build(spec, out or Path("artifacts") / spec.name, names, progress=typer.echo, lowering=moe)
+    result = build(spec, out or Path("artifacts") / spec.name, names, progress=typer.echo)
     header = ("subgraph", "step", "case", "output", "max_abs", "cosine", "top1", "result")
     rows = [header, *parity_rows(result.reports)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -190,6 +186,87 @@ def run_cmd(
     )
     if result.logits_path is not None:
         typer.echo(f"wrote {result.logits_path}")
+
+
+@app.command("check")
+def check_cmd(
+    artifacts: Annotated[Path, typer.Argument(help="artifact directory written by `m3export build`")],
+    backend: Annotated[
+        str, typer.Option("--backend", help="ort: ONNX Runtime (CPU); trt: TensorRT (needs the trt extra)")
+    ] = "ort",
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            metavar="FILE",
+            help="write a JSON report to FILE and, beside it, JUnit XML (.xml), Markdown (.md), a plot (.png)",
+        ),
+    ] = None,
+) -> None:
+    """Verify an artifact directory (manifest seal, sha256 of every file, paths), then re-run its goldens.
+
+    Exit 0 pass, 1 parity failure, 2 usage error, 3 integrity failure (nothing is run then).
+    """
+    from m3export.check import check_artifacts
+    from m3export.parity.report import format_table
+
+    result = check_artifacts(artifacts, backend, report, progress=typer.echo)
+    for line in format_table(result.to_json()):
+        typer.echo(line)
+    for path in result.report_files:
+        typer.echo(f"wrote {path}")
+    if result.passed:
+        typer.echo(f"check {artifacts}: pass ({len(result.entries)} comparisons, {result.seconds:.1f} s)")
+        return
+    _echo_err(f"check {artifacts}: parity FAILED: {result.failures()[0]} ({len(result.failures())} failing)")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("generate")
+def generate_cmd(
+    artifacts: Annotated[Path, typer.Argument(help="artifact directory written by `m3export build`")],
+    input_ids: Annotated[
+        str,
+        typer.Option(
+            "--input-ids",
+            help="comma-separated prompt token ids; write the image token id once per --image (as in `run`)",
+        ),
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="stop after this many tokens")] = 32,
+    backend: Annotated[
+        str, typer.Option("--backend", help="ort: the ONNX subgraphs; torch: the eager stage wrappers")
+    ] = "ort",
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", metavar="FILE", help="image file; repeat for several, in prompt order"),
+    ] = None,
+    mtp: Annotated[
+        bool,
+        typer.Option(
+            "--mtp", help="speculative decoding with the MTP subgraph (same tokens, fewer forwards)"
+        ),
+    ] = False,
+) -> None:
+    """Greedy decoding with the KV cache, streaming token ids as they are produced (one per line).
+
+    Stops at the spec's EOS token, --max-new-tokens, or the spec's maximum length. Exit 3 when the
+    artifact directory is missing or unreadable, 2 on a user error.
+    """
+    from m3export.generate import generate_artifacts
+
+    def show(tok: int) -> None:
+        typer.echo(tok)
+
+    result = generate_artifacts(
+        artifacts, backend, input_ids, image or [], max_new_tokens, mtp=mtp, on_token=show
+    )
+    stats = (
+        f"{len(result.tokens)} tokens ({result.stop_reason}) in {result.seconds:.2f} s, backend {result.backend}, "
+        f"{result.main_forwards} main forwards ({result.tokens_per_forward:.2f} tokens/forward)"
+    )
+    if result.acceptance_rate is not None:
+        stats += f"; MTP acceptance {result.accepted}/{result.drafted} = {result.acceptance_rate:.2f}"
+    _echo_err(stats)
 
 
 def main() -> None:

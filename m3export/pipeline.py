@@ -36,6 +36,7 @@ from m3export.artifacts import (
 )
 from m3export.errors import InputError
 from m3export.parity.compare import Kind, ParityReport, compare_outputs
+from m3export.runners.chain import run_chain, run_chunks
 from m3export.spec import M3Spec, dump_spec, spec_hash
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
 
@@ -43,7 +44,11 @@ Progress = Callable[[str], None]
 
 # Trace shapes: batch and seq >= 2 and distinct from every other dim (the exporter specialises
 # size-1 dims and dims that coincide); golden cases use other shapes so dynamic axes are exercised.
-TRACE_BATCH, TRACE_SEQ = 2, 16
+TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 16, 5
+# Decode parity (step d): the last DECODE_STEPS positions of each golden case are fed one at a time
+# through the cache after a chunked prefill of the rest.
+DECODE_STEPS = 3
+STEP_LETTER = {"split": "a", "onnx": "b", "end_to_end": "c", "decode": "d"}
 TRACE_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 4), (1, 4, 8))  # 48 patches, 12 image tokens
 
 
@@ -163,29 +168,6 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy()
 
 
-def _run_chain(
-    plans: Sequence[SubgraphPlan],
-    spec: M3Spec,
-    inp: dict[str, Tensor],
-    run: Callable[[SubgraphPlan, dict[str, np.ndarray]], dict[str, np.ndarray]],
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
-    """Run subgraphs in plan order, each fed by name from the case inputs and earlier outputs.
-
-    Returns every produced value and, per subgraph, the feed it got. Without images the vision
-    subgraph is skipped and stage 0 gets image_features [0, H].
-    """
-    values: dict[str, np.ndarray] = {k: _np(v) for k, v in inp.items()}
-    feeds: dict[str, dict[str, np.ndarray]] = {}
-    for plan in plans:
-        if plan.kind == "vision" and "pixel_values" not in values:
-            values["image_features"] = np.zeros((0, spec.text.hidden_size), np.float32)
-            continue
-        feed = {n: values[n] for n in plan.input_names}
-        feeds[plan.name] = feed
-        values.update(run(plan, feed))
-    return values, feeds
-
-
 def _kinds(names: Sequence[str]) -> dict[str, Kind]:
     return {n: ("logits" if "logits" in n else "tensor") for n in names}
 
@@ -198,12 +180,9 @@ def build(
     out_dir: str | Path,
     only: Sequence[str] | None = None,
     progress: Progress | None = None,
-    *,
-    lowering: str | None = None,
 ) -> BuildResult:
     """Build every planned subgraph (or those in `only`) and publish them with a manifest.
 
-    `lowering` overrides `spec.export.moe` (a name registered with `register_lowering`).
     Steps a and c need every subgraph, so with `only` they run only if `only` names them all.
     """
     from m3export.export.onnx_export import export_onnx
@@ -224,7 +203,7 @@ def build(
             raise InputError(f"--only: unknown subgraph(s) {unknown}; this spec plans {names}")
     selected = [p for p in plans if not only or p.name in only]
     complete = len(selected) == len(plans)
-    moe_name = lowering or spec.export.moe
+    moe_name = spec.export.moe
     moe = get_lowering(moe_name)
     tols = spec.tolerances
     image_token = spec.multimodal.image_token_index if spec.multimodal else None
@@ -232,33 +211,49 @@ def build(
     say(f"load model {spec.name} ({'checkpoint' if spec.weights.checkpoint else 'random'} weights)")
     model = load_model(spec)
     stages = {p.name: build_stage(model, p, image_token) for p in plans}
-    torch_runners = {p.name: TorchRunner(stages[p.name], p.output_names, f"torch:{p.name}") for p in plans}
+    torch_runners = {
+        p.name: TorchRunner(stages[p.name], p.input_names, p.output_names, f"torch:{p.name}") for p in plans
+    }
 
     def run_torch(plan: SubgraphPlan, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return torch_runners[plan.name].infer(feed)
 
+    hidden = spec.text.hidden_size
     cases = golden_cases(spec)
-    case_inputs = {c.name: _case_inputs(spec, c, seed=1000 + i) for i, c in enumerate(cases)}
+    case_tensors = {c.name: _case_inputs(spec, c, seed=1000 + i) for i, c in enumerate(cases)}
+    case_inputs = {name: {k: _np(v) for k, v in inp.items()} for name, inp in case_tensors.items()}
     refs = {
-        c.name: {k: _np(v) for k, v in _full_eager(model, spec, case_inputs[c.name]).items()} for c in cases
+        c.name: {k: _np(v) for k, v in _full_eager(model, spec, case_tensors[c.name]).items()} for c in cases
     }
-    eager = {c.name: _run_chain(plans, spec, case_inputs[c.name], run_torch) for c in cases}
+    final_names = list(refs[cases[0].name])
+
+    def chunked(c: GoldenCase, run: Any) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+        bounds = [c.seq - DECODE_STEPS + i for i in range(DECODE_STEPS)]
+        return run_chunks(plans, case_inputs[c.name], run, bounds, hidden_size=hidden, outputs=final_names)
+
+    eager = {c.name: run_chain(plans, case_inputs[c.name], run_torch, hidden_size=hidden) for c in cases}
+    # Golden feeds per subgraph: each case's prompt forward (past_seq 0), and its last decode step
+    # (past_seq S-1, seq 1) from a chunked run through the eager cache.
+    eager_decode = {c.name: chunked(c, run_torch) for c in cases}
+    feeds_by_case: list[tuple[str, dict[str, dict[str, np.ndarray]]]] = []
+    for c in cases:
+        feeds_by_case += [(c.name, eager[c.name].feeds), (f"{c.name}.decode", eager_decode[c.name][1])]
 
     results = {p.name: SubgraphResult(p) for p in selected}
     global_reports: list[ParityReport] = []
     staging = new_staging_dir(out)
 
+    def gate(step: str, case: str, got: dict[str, np.ndarray], tol: Any) -> None:
+        rep = compare_outputs(step, "pipeline", case, got, refs[case.split(":")[0]], tol, _kinds(final_names))
+        global_reports.append(rep)
+        say(f"[{STEP_LETTER[step]} {step}] {case}: {'pass' if rep.passed else 'FAIL'}")
+
     # a. split: chained eager subgraphs vs the full model (exact: the wrappers share the modules).
     if tols.split is not None and complete:
         for c in cases:
-            values, _ = eager[c.name]
-            rep = compare_outputs(
-                "split", "pipeline", c.name, values, refs[c.name], tols.split, _kinds(list(refs[c.name]))
-            )
-            global_reports.append(rep)
-            say(f"[a split] {c.name}: {'pass' if rep.passed else 'FAIL'}")
+            gate("split", c.name, eager[c.name].values, tols.split)
 
-    # b. onnx: export each subgraph, then ORT vs the eager wrapper on the golden cases.
+    # b. onnx: export each subgraph, then ORT vs the eager wrapper on the golden feeds.
     ort_runners: dict[str, OrtRunner] = {}
     for plan in selected:
         res = results[plan.name]
@@ -278,50 +273,49 @@ def build(
         ort_runners[plan.name] = OrtRunner(art.path)
         golden_in: dict[str, np.ndarray] = {}
         golden_out: dict[str, np.ndarray] = {}
-        for c in cases:
-            feed = eager[c.name][1].get(plan.name)
-            if feed is None:  # vision without images
+        for case, feeds in feeds_by_case:
+            feed = feeds.get(plan.name)
+            if feed is None:  # vision without images, or a decode step
                 continue
             want = torch_runners[plan.name].infer(feed)
-            golden_in.update({f"{c.name}/{k}": v for k, v in feed.items()})
-            golden_out.update({f"{c.name}/{k}": v for k, v in want.items()})
+            golden_in.update({f"{case}/{k}": v for k, v in feed.items()})
+            golden_out.update({f"{case}/{k}": v for k, v in want.items()})
             if tols.onnx is None:
                 continue
             try:
                 got = ort_runners[plan.name].infer(feed)
                 rep = compare_outputs(
-                    "onnx", plan.name, c.name, got, want, tols.onnx, _kinds(plan.output_names)
+                    "onnx", plan.name, case, got, want, tols.onnx, _kinds(plan.output_names)
                 )
             except Exception as err:
                 rep = ParityReport(
-                    "onnx", plan.name, c.name, tols.onnx.model_dump(mode="json"), (), f"ORT: {err}"
+                    "onnx", plan.name, case, tols.onnx.model_dump(mode="json"), (), f"ORT: {err}"
                 )
             res.reports.append(rep)
-            say(f"[b onnx] {plan.name} {c.name}: {'pass' if rep.passed else 'FAIL'}")
+            say(f"[b onnx] {plan.name} {case}: {'pass' if rep.passed else 'FAIL'}")
         np.savez(sub_dir / "golden_inputs.npz", **golden_in)  # type: ignore[arg-type]
         np.savez(sub_dir / "golden_outputs.npz", **golden_out)  # type: ignore[arg-type]
         for f in sorted(sub_dir.iterdir()):
             res.files[f"{plan.name}/{f.name}"] = sha256_file(f)
 
+    all_ort = complete and len(ort_runners) == len(plans)
+
+    def run_ort(plan: SubgraphPlan, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return ort_runners[plan.name].infer(feed)
+
     # c. end_to_end: chained ORT subgraphs vs the full eager model.
-    if tols.end_to_end is not None and complete and len(ort_runners) == len(plans):
-
-        def run_ort(plan: SubgraphPlan, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return ort_runners[plan.name].infer(feed)
-
+    if tols.end_to_end is not None and all_ort:
         for c in cases:
-            values, _ = _run_chain(plans, spec, case_inputs[c.name], run_ort)
-            rep = compare_outputs(
-                "end_to_end",
-                "pipeline",
-                c.name,
-                values,
-                refs[c.name],
-                tols.end_to_end,
-                _kinds(list(refs[c.name])),
-            )
-            global_reports.append(rep)
-            say(f"[c end_to_end] {c.name}: {'pass' if rep.passed else 'FAIL'}")
+            values = run_chain(plans, case_inputs[c.name], run_ort, hidden_size=hidden).values
+            gate("end_to_end", c.name, values, tols.end_to_end)
+
+    # d. decode: a chunked prefill then DECODE_STEPS one-token steps through the KV cache vs the
+    # full recompute, for the eager stages and the chained ORT graphs.
+    if tols.decode is not None and complete:
+        for c in cases:
+            gate("decode", f"{c.name}:torch", eager_decode[c.name][0], tols.decode)
+            if all_ort:
+                gate("decode", f"{c.name}:ort", chunked(c, run_ort)[0], tols.decode)
 
     reports = [r for p in selected for r in results[p.name].reports] + global_reports
     passed = all(r.passed for r in reports)
@@ -333,7 +327,12 @@ def build(
         "moe_lowering": moe_name,
         "status": "pass" if passed else "fail",
         "only": list(only) if only else None,
-        "trace_shapes": {"batch": TRACE_BATCH, "seq": TRACE_SEQ, "grids": [list(g) for g in TRACE_GRIDS]},
+        "trace_shapes": {
+            "batch": TRACE_BATCH,
+            "seq": TRACE_SEQ,
+            "past_seq": TRACE_PAST,
+            "grids": [list(g) for g in TRACE_GRIDS],
+        },
         "golden_cases": [
             {"name": c.name, "batch": c.batch, "seq": c.seq, "grids": [list(g) for g in c.grids]}
             for c in cases
@@ -392,7 +391,14 @@ def _trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
         "image_features": torch.randn(n_img, h, generator=g).to(act),
         "hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
         "final_hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
+        "mtp_input_ids": base["input_ids"],
     }
+    # Positions continue after TRACE_PAST cached ones (a chunked-prefill call).
+    base["position_ids"] = base["position_ids"] + TRACE_PAST
+    sizes = {"batch": TRACE_BATCH, "past_seq": TRACE_PAST}
+    for sig in plan.cache_inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in sig.dims]
+        extra[sig.name] = torch.randn(*shape, generator=g).to(act)
     return {s.name: base[s.name] if s.name in base else extra[s.name] for s in plan.inputs}
 
 

@@ -127,7 +127,9 @@ def make_runners(arts: Artifacts, backend: str) -> dict[str, Any]:
         model = load_model(spec).eval()
         image_token = spec.multimodal.image_token_index if spec.multimodal else None
         return {
-            p.name: TorchRunner(build_stage(model, p, image_token), p.output_names, f"torch:{p.name}")
+            p.name: TorchRunner(
+                build_stage(model, p, image_token), p.input_names, p.output_names, f"torch:{p.name}"
+            )
             for p in arts.plans
         }
     raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -137,11 +139,17 @@ def run_chain(
     arts: Artifacts, runners: dict[str, Any], inp: dict[str, Tensor], num_images: int, backend: str
 ) -> RunResult:
     """Run the built subgraphs in plan order (vision skipped without images)."""
-    from m3export.pipeline import _run_chain
+    from m3export.runners.chain import run_chain
 
     if num_images and not any(p.kind == "vision" for p in arts.plans):
         raise ArtifactError(f"{arts.root}: the build has no vision subgraph, so it cannot take --image")
-    values, _ = _run_chain(arts.plans, arts.spec, inp, lambda plan, feed: runners[plan.name].infer(feed))
+    feed = {k: v.numpy() for k, v in inp.items()}
+    values = run_chain(
+        arts.plans,
+        feed,
+        lambda plan, f: runners[plan.name].infer(f),
+        hidden_size=arts.spec.text.hidden_size,
+    ).values
     logits = np.asarray(values["logits"], dtype=np.float32)
     return RunResult(logits, num_images, backend, values)
 

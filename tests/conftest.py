@@ -32,3 +32,13 @@ def tiny_spec() -> M3Spec:
 def tiny_text_spec(tiny_spec: M3Spec) -> M3Spec:
     """m3-tiny without vision/multimodal: the text-only checkpoint layout (`model.*`, `lm_head.*`)."""
     return spec_variant(tiny_spec, text_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, tiny_spec: M3Spec) -> Path:
+    """One passing `build` of specs/m3-tiny.yaml per test session (≈50 s), shared read-only."""
+    from m3export.pipeline import build
+
+    result = build(tiny_spec, tmp_path_factory.mktemp("tiny-build") / "m3-tiny")
+    assert result.passed, result.failed_subjects()
+    return result.out_dir

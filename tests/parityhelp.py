@@ -34,8 +34,9 @@ def dropped_pairs(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list[int
     counts: list[int] = []
 
     def hook(mod: M3Attention, hook_args: tuple[torch.Tensor, ...]) -> None:
-        x, cos, sin, pos, causal = hook_args
-        counts.append(int((causal & ~mod.msa_keep(x, cos, sin, pos)).sum()))
+        x, cos, sin, pos, causal, past = hook_args
+        keep, _ = mod.msa_keep(x, cos, sin, pos, None if past is None else past.index_key)
+        counts.append(int((causal & ~keep).sum()))
 
     handles = [
         m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, M3Attention) and m.sparse

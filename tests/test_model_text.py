@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import spec_variant
+from parityhelp import dropped_pairs
 from safetensors.torch import load_file, save_file
 
 from m3export.errors import CheckpointError
@@ -125,24 +126,15 @@ def test_correction_bias_changes_selection(model: M3ForCausalLM) -> None:
 def _dense_vs_sparse(model: M3ForCausalLM, seq: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, float]:
     """(causal pairs MSA dropped, max |logits(MSA) - logits(dense causal)|) on one batch."""
     ids = _ids(2, seq, seed=seq)
-    dropped = 0
-
-    def count(mod: M3Attention, args: tuple) -> None:
-        nonlocal dropped
-        x, cos, sin, pos, causal = args
-        dropped += int((causal & ~mod.msa_keep(x, cos, sin, pos)).sum())
-
+    dropped = sum(dropped_pairs(model, ids))
     with torch.no_grad():
-        hooks = [
-            m.register_forward_pre_hook(count)
-            for m in model.modules()
-            if isinstance(m, M3Attention) and m.sparse
-        ]
         sparse = model(ids).logits
-        for h in hooks:
-            h.remove()
         with monkeypatch.context() as mp:
-            mp.setattr(M3Attention, "msa_keep", lambda self, x, cos, sin, pos: causal_keep(pos, x.shape[1]))
+            mp.setattr(
+                M3Attention,
+                "msa_keep",
+                lambda self, x, cos, sin, pos, past: (causal_keep(pos, x.shape[1]), None),
+            )
             dense = model(ids).logits
     return dropped, (sparse - dense).abs().max().item()
 

@@ -113,7 +113,9 @@ def test_parity_fails_without_msa_selection(
     ours, path = ours_to_hf
     hf, _ = _hf_load(MiniMaxM3VLForCausalLM, path)
     ids = _ids(tiny_text_spec, SPARSE_SEQ, 1)
-    monkeypatch.setattr(M3Attention, "msa_keep", lambda self, x, cos, sin, pos: causal_keep(pos, x.shape[1]))
+    monkeypatch.setattr(
+        M3Attention, "msa_keep", lambda self, x, cos, sin, pos, past: (causal_keep(pos, x.shape[1]), None)
+    )
     with torch.no_grad():
         err = _stats(ours(ids).logits, hf(ids).logits)["max_abs"]
     print(f"mutated max abs err {err:.3g}")

@@ -20,12 +20,31 @@ def test_tiny_plan() -> None:
     v, t0, t1, mtp = plans
     assert t0.layers == (0, 1) and t1.layers == (2, 3)
     assert t0.modules[0] == "language_model.model.embed_tokens"
-    assert t0.input_names == ["input_ids", "image_features", "position_ids"]
-    assert t0.output_names == ["hidden_states"]
-    assert t1.input_names == ["hidden_states", "position_ids"]
-    assert t1.output_names == ["logits", "final_hidden_states"]
+    # Layer 0 is full attention (key/value cache), layers 1-3 MSA (plus the index-key cache, §2.3).
+    cache0 = ["past.0.key", "past.0.value", "past.1.key", "past.1.value", "past.1.index_key"]
+    assert t0.input_names == ["input_ids", "image_features", "position_ids", *cache0]
+    assert t0.output_names == ["hidden_states", *(n.replace("past", "present") for n in cache0)]
+    cache1 = [
+        "past.2.key",
+        "past.2.value",
+        "past.2.index_key",
+        "past.3.key",
+        "past.3.value",
+        "past.3.index_key",
+    ]
+    assert t1.input_names == ["hidden_states", "position_ids", *cache1]
+    assert t1.output_names == [
+        "logits",
+        "final_hidden_states",
+        *(n.replace("past", "present") for n in cache1),
+    ]
     assert t1.modules[-2:] == ("language_model.model.norm", "language_model.lm_head")
-    assert mtp.output_names == ["mtp_logits.0"]
+    mtp_cache = ["past.mtp.0.key", "past.mtp.0.value", "past.mtp.0.index_key"]
+    assert mtp.input_names == ["final_hidden_states", "mtp_input_ids", "position_ids", *mtp_cache]
+    assert mtp.output_names == ["mtp_logits.0", *(n.replace("past", "present") for n in mtp_cache)]
+    key, index_key = t1.inputs[2], t1.inputs[4]
+    assert key.dims == ("batch", 2, "past_seq", 32) and index_key.dims == ("batch", "past_seq", 32)
+    assert t1.outputs[2].dims == ("batch", 2, "past_seq+seq", 32)
     assert dict(mtp.shared_uses) == {
         "language_model.model.embed_tokens": "text_0",
         "language_model.lm_head": "text_1",
@@ -57,7 +76,7 @@ def test_explicit_ranges_and_text_only() -> None:
     plans = plan_subgraphs(parse_spec(data))
     assert [p.name for p in plans] == ["text_0", "text_1"]
     assert plans[0].modules == ("model.embed_tokens", "model.layers.0")
-    assert plans[1].output_names == ["logits"]
+    assert plans[1].output_names[0] == "logits" and "final_hidden_states" not in plans[1].output_names
 
 
 def test_stage_metas() -> None:

@@ -11,15 +11,7 @@ from PIL import Image
 
 from m3export.forward import forward_prompt, parse_token_ids
 from m3export.parity import compare_outputs
-from m3export.pipeline import build
 from m3export.spec import M3Spec
-
-
-@pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory: pytest.TempPathFactory, tiny_spec: M3Spec) -> Path:
-    result = build(tiny_spec, tmp_path_factory.mktemp("run") / "m3-tiny")
-    assert result.passed, result.failed_subjects()
-    return result.out_dir
 
 
 def _image(path: Path) -> Path:

@@ -6,6 +6,8 @@ lowering tagged (interleave, scale) are folded into initializers here, whatever 
 
 from __future__ import annotations
 
+import inspect
+import re
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,9 +45,10 @@ def export_onnx(
     opset: int,
     lowering: MoELowering | None = None,
 ) -> OnnxArtifact:
-    """Export `module(**inputs)`; axes sharing a name in `dynamic_axes` share one symbolic dim.
+    """Export `module(*inputs.values())`; axes sharing a name in `dynamic_axes` share one symbolic dim.
 
-    `inputs` keys must be the forward's parameter names (they become the graph input names).
+    Inputs are passed positionally in `inputs` order (the forward's parameter order, or its `*args`);
+    their keys become the graph input names.
     Weights go to `<out_path>.data`. Raises if the graph holds non-standard nodes other than the
     lowering's own.
     """
@@ -56,13 +59,19 @@ def export_onnx(
 
     start = time.perf_counter()
     dims: dict[str, torch.export.Dim] = {}
-    dynamic_shapes = {
-        name: {
-            axis: dims.setdefault(dim, torch.export.Dim(dim))
+    per_input = tuple(
+        {
+            axis: dims.setdefault(dim, torch.export.Dim(_dim_name(dim)))
             for axis, dim in dynamic_axes.get(name, {}).items()
         }
         for name in inputs
-    }
+    )
+    # A `forward(*tensors)` takes all inputs as one pytree node; a plain forward one per parameter.
+    varargs = any(
+        p.kind is inspect.Parameter.VAR_POSITIONAL
+        for p in inspect.signature(module.forward).parameters.values()
+    )
+    dynamic_shapes = (per_input,) if varargs else per_input
     unknown = set(dynamic_axes) - set(inputs)
     if unknown:
         raise ValueError(f"dynamic_axes names unknown inputs {sorted(unknown)}; inputs: {list(inputs)}")
@@ -72,8 +81,7 @@ def export_onnx(
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
         program = torch.onnx.export(
             module,
-            (),
-            kwargs=dict(inputs),
+            tuple(inputs.values()),
             dynamo=True,
             opset_version=opset,
             dynamic_shapes=dynamic_shapes,
@@ -108,6 +116,11 @@ def export_onnx(
         node_counts={(f"{d}::{t}" if d else t): n for (d, t), n in sorted(counts.items())},
         export_seconds=time.perf_counter() - start,
     )
+
+
+def _dim_name(dim: str) -> str:
+    """A torch.export Dim name (an identifier) for a plan dim name such as `past_seq+seq`."""
+    return re.sub(r"\W", "_", dim)
 
 
 def _fold_tagged(model: object) -> None:

@@ -12,6 +12,8 @@ history gives the same selection as a full recompute.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,15 @@ from torch import Tensor, nn
 from m3export.model.norm import GemmaRMSNorm
 from m3export.model.rope import apply_rope
 from m3export.spec.models import SparseAttentionSpec, TextSpec
+
+
+class KVCache(NamedTuple):
+    """One layer's cache (§2.3): post-norm, post-RoPE keys and raw values [B, KVH, P, D]; a sparse layer
+    also caches the post-norm, post-RoPE index key [B, P, Dx] of the whole history (§2.4)."""
+
+    key: Tensor
+    value: Tensor
+    index_key: Tensor | None = None
 
 
 def causal_keep(position_ids: Tensor, key_len: int) -> Tensor:
@@ -104,28 +115,54 @@ class M3Attention(nn.Module):
             self.index_q_norm = GemmaRMSNorm(sa.sparse_index_dim, text.rms_norm_eps)
             self.index_k_norm = GemmaRMSNorm(sa.sparse_index_dim, text.rms_norm_eps)
 
-    def msa_keep(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor) -> Tensor:
-        """MSA keep mask [B, num_heads, S, S] for normed input x [B, S, H] (§2.4)."""
+    def msa_keep(
+        self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, past: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """MSA keep mask [B, num_heads, S, P+S] for normed input x [B, S, H] and the index keys of the
+        whole history [B, P+S, Dx] (`past` holds the first P, §2.4 "decode and chunked prefill")."""
         b, s, _ = x.shape
         dim = self.sa.sparse_index_dim
         idx_q = apply_rope(self.index_q_norm(self.index_q_proj(x).view(b, s, -1, dim)), cos, sin)
-        idx_k = apply_rope(self.index_k_norm(self.index_k_proj(x).view(b, s, 1, dim)), cos, sin)
-        scores = index_block_scores(idx_q, idx_k[:, :, 0], position_ids, self.sa.sparse_block_size)
+        idx_k = apply_rope(self.index_k_norm(self.index_k_proj(x).view(b, s, 1, dim)), cos, sin)[:, :, 0]
+        if past is not None:
+            idx_k = torch.cat((past, idx_k), dim=1)
+        key_len = idx_k.shape[1]
+        scores = index_block_scores(idx_q, idx_k, position_ids, self.sa.sparse_block_size)
         selected = select_blocks(scores, position_ids, self.sa)
-        return sparse_keep(selected, position_ids, s, self.sa.sparse_block_size, self.num_heads)
+        keep = sparse_keep(selected, position_ids, key_len, self.sa.sparse_block_size, self.num_heads)
+        return keep, idx_k
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, causal: Tensor) -> Tensor:
-        """x [B, S, H] (normed); cos/sin [B, S, R/2] fp32; causal [B, 1, S, S] bool. Returns [B, S, H]."""
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        position_ids: Tensor,
+        causal: Tensor,
+        past: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """x [B, S, H] (normed); cos/sin [B, S, R/2] fp32; causal [B, 1, S, P+S] bool; `past` holds P
+        cached positions (key slot j is position j). Returns [B, S, H] and the cache of all P+S."""
         b, s, _ = x.shape
         d = self.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x).view(b, s, self.num_heads, d)), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, d)), cos, sin)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, d)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat((past.key, k), dim=2), torch.cat((past.value, v), dim=2)
+        index_key = None
+        if self.sparse:
+            # A boolean mask, never an additive one: −inf biases leak in bf16 (§2.4.10).
+            mask, index_key = self.msa_keep(
+                x, cos, sin, position_ids, None if past is None else past.index_key
+            )
+        else:
+            mask = causal
         rep = self.num_heads // self.num_kv_heads
         # GQA: query head h reads KV head h // rep (repeat-interleave, §2.3.4).
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # A boolean mask, never an additive one: −inf biases leak in bf16 (§2.4.10).
-        mask = self.msa_keep(x, cos, sin, position_ids) if self.sparse else causal
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * d))
+        out = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask
+        )
+        out = self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * d))
+        return out, KVCache(k, v, index_key)

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from m3export.model.moe import Router, SparseMoeBlock, StackedExperts
+from m3export.model.moe import Router, SparseMoeBlock, StackedExperts, SwiGLUMLP
 from m3export.model.norm import GemmaRMSNorm
 
 NORM_STD = 0.1
@@ -70,3 +70,33 @@ def init_weights(model: nn.Module, seed: int) -> None:
         elif isinstance(mod, SparseMoeBlock):
             std = correction_bias_std(mod.hidden_size)
             _fill(mod.e_score_correction_bias, seed, prefix + "e_score_correction_bias", std)
+
+
+@torch.no_grad()
+def make_mtp_agree(model: nn.Module) -> None:
+    """Turn a text model into one whose MTP head always agrees with it, to measure speculative decoding
+    at full acceptance (random weights give near-zero acceptance).
+
+    Every decoder layer's output projections (attention o_proj, MLP / expert / shared-expert down
+    projections) are zeroed, so h_t = norm(E[x_t]) and the main model's next token is a function of the
+    current token only. Each MTP depth gets eh_proj = [I | 0] (embedding half only), enorm = 1 and
+    final_layernorm = the main norm, so depth 0 at position i returns norm(E[x_{i+1}]) up to the RMS
+    eps: exactly the main model's prediction after x_{i+1}. A test construction, not a real model.
+    """
+    from m3export.model.attention import M3Attention
+    from m3export.model.mtp import MTPDepth
+
+    text = getattr(model, "language_model", model).model
+    for mod in text.modules():
+        if isinstance(mod, M3Attention):
+            mod.o_proj.weight.zero_()
+        elif isinstance(mod, SwiGLUMLP):
+            mod.down_proj.weight.zero_()
+        elif isinstance(mod, StackedExperts):
+            mod.down_proj.zero_()
+        elif isinstance(mod, MTPDepth):
+            h = mod.eh_proj.weight.shape[0]
+            mod.eh_proj.weight.zero_()
+            mod.eh_proj.weight[:, :h] = torch.eye(h)
+            mod.enorm.weight.zero_()
+            mod.final_layernorm.weight.copy_(text.norm.weight)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from m3export.model.norm import GemmaRMSNorm
 
-LayerFn = Callable[[nn.Module, Tensor], Tensor]
+LayerFn = Callable[[int, nn.Module, Tensor], Tensor]  # (depth, decoder layer, x) -> layer output
 
 
 class MTPDepth(nn.Module):
@@ -31,7 +31,9 @@ class MTPDepth(nn.Module):
         self.transformer_layer = transformer_layer
         self.final_layernorm = GemmaRMSNorm(hidden, eps)
 
-    def forward(self, emb: Tensor, hidden: Tensor, run_layer: LayerFn) -> Tensor:
+    def forward(
+        self, emb: Tensor, hidden: Tensor, run_layer: Callable[[nn.Module, Tensor], Tensor]
+    ) -> Tensor:
         """emb, hidden [B, S, H] -> h_{d+1} [B, S, H]; `run_layer(layer, x)` applies the decoder layer."""
         # Embedding first, then the hidden state (§3.1).
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(hidden)), dim=-1))
@@ -54,16 +56,20 @@ def shift_left(ids: Tensor) -> Tensor:
 def mtp_forward(
     mtp: MTP,
     hidden: Tensor,
-    input_ids: Tensor,
+    next_ids: Tensor,
     embed: nn.Module,
     lm_head: nn.Module,
     run_layer: LayerFn,
 ) -> list[Tensor]:
-    """Per-depth logits [B, S, V] (§3.2) from the main model's post-norm hidden [B, S, H]."""
+    """Per-depth logits [B, S, V] (§3.2) from the main model's post-norm hidden [B, S, H].
+
+    `next_ids` are depth 0's ids (input_ids shifted left by one); depth d shifts them d more.
+    """
     logits: list[Tensor] = []
-    ids, h = input_ids, hidden
-    for depth in mtp.layers:
-        ids = shift_left(ids)  # cumulative: depth d sees ids shifted by d+1
-        h = depth(embed(ids), h, run_layer)
+    ids, h = next_ids, hidden
+    for d, depth in enumerate(mtp.layers):
+        if d:
+            ids = shift_left(ids)  # cumulative: depth d sees input_ids shifted by d+1
+        h = depth(embed(ids), h, lambda layer, x, d=d: run_layer(d, layer, x))
         logits.append(lm_head(h))
     return logits

@@ -13,21 +13,30 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from m3export.model.attention import M3Attention, causal_keep
+from m3export.model.attention import KVCache, M3Attention, causal_keep
 from m3export.model.init import init_weights
 from m3export.model.moe import SparseMoeBlock, SwiGLUMLP, build_moe_config
-from m3export.model.mtp import MTP, MTPDepth, mtp_forward
+from m3export.model.mtp import MTP, MTPDepth, mtp_forward, shift_left
 from m3export.model.norm import GemmaRMSNorm
 from m3export.model.rope import rope_cos_sin
 from m3export.spec.models import M3Spec, TextSpec
 
 
 class M3CausalLMOutput(NamedTuple):
-    """logits [B, S, V]; per-depth MTP logits (None without MTP or input_ids); post-norm hidden [B, S, H]."""
+    """logits [B, S, V]; per-depth MTP logits (None without MTP or input_ids); post-norm hidden [B, S, H];
+    the KV cache of every decoder layer after this forward (past + these positions)."""
 
     logits: Tensor
     mtp_per_depth_logits: list[Tensor] | None
     hidden_states: Tensor
+    past_key_values: list[KVCache] | None = None
+
+
+class TextModelOutput(NamedTuple):
+    """Post-final-norm hidden states [B, S, H] and the per-layer caches (past + these positions)."""
+
+    hidden_states: Tensor
+    past_key_values: list[KVCache]
 
 
 class DecoderLayer(nn.Module):
@@ -49,11 +58,26 @@ class DecoderLayer(nn.Module):
         """The decoder layer at global index `layer`, with its dense/MoE and full/MSA flags (§1.1)."""
         return cls(text, moe=text.is_moe_layer(layer), sparse=text.is_sparse_layer(layer))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, causal: Tensor) -> Tensor:
-        """x [B, S, H] -> [B, S, H]; cos/sin from `rope_cos_sin`, causal from `causal_keep`."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position_ids, causal)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        position_ids: Tensor,
+        causal: Tensor,
+        past: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """x [B, S, H] -> [B, S, H] and this layer's cache; cos/sin from `rope_cos_sin`, causal from
+        `causal_keep` over the P cached + S new key slots."""
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, position_ids, causal, past)
+        x = x + a
         ffn = self.block_sparse_moe if self.is_moe else self.mlp
-        return x + ffn(self.post_attention_layernorm(x))
+        return x + ffn(self.post_attention_layernorm(x)), present
+
+
+def cache_len(past: KVCache | None) -> int:
+    """Number of cached positions (0 without a cache); symbolic under export."""
+    return 0 if past is None else past.key.shape[2]
 
 
 def default_position_ids(batch: int, seq: int, device: torch.device) -> Tensor:
@@ -81,10 +105,10 @@ class M3TextModel(nn.Module):
             ]
             self.mtp = MTP(depths)
 
-    def layer_inputs(self, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """RoPE cos/sin (fp32) and the causal keep mask shared by every layer."""
+    def layer_inputs(self, position_ids: Tensor, past_len: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE cos/sin (fp32) and the causal keep mask over past_len + S key slots, shared by every layer."""
         cos, sin = rope_cos_sin(position_ids, self.text.rotary_dim, self.text.rope_theta)
-        return cos, sin, causal_keep(position_ids, position_ids.shape[1])
+        return cos, sin, causal_keep(position_ids, past_len + position_ids.shape[1])
 
     def forward(
         self,
@@ -92,32 +116,58 @@ class M3TextModel(nn.Module):
         *,
         inputs_embeds: Tensor | None = None,
         position_ids: Tensor | None = None,
-    ) -> Tensor:
-        """Post-final-norm hidden states [B, S, H]. Give exactly one of input_ids [B, S] or inputs_embeds."""
+        past_key_values: list[KVCache] | None = None,
+    ) -> TextModelOutput:
+        """Post-final-norm hidden states [B, S, H] and the caches. Give exactly one of input_ids [B, S] or
+        inputs_embeds. With `past_key_values` (one per layer, P positions) `position_ids` must be given."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
+            if past_key_values is not None:
+                raise ValueError("position_ids are required with past_key_values")
             position_ids = default_position_ids(x.shape[0], x.shape[1], x.device)
-        cos, sin, causal = self.layer_inputs(position_ids)
-        for layer in self.layers.values():
-            x = layer(x, cos, sin, position_ids, causal)
-        return self.norm(x)
+        past: list[KVCache | None] = (
+            list(past_key_values) if past_key_values is not None else [None] * len(self.layers)
+        )
+        cos, sin, causal = self.layer_inputs(position_ids, cache_len(past[0]))
+        presents: list[KVCache] = []
+        for layer, layer_past in zip(self.layers.values(), past, strict=True):
+            x, present = layer(x, cos, sin, position_ids, causal, layer_past)
+            presents.append(present)
+        return TextModelOutput(self.norm(x), presents)
 
     def mtp_logits(
         self, hidden_states: Tensor, input_ids: Tensor, lm_head: nn.Module, position_ids: Tensor | None = None
     ) -> list[Tensor]:
-        """Per-depth MTP logits [B, S, V] from the post-norm hidden states (§3.2); [] without MTP."""
+        """Per-depth MTP logits [B, S, V] from the post-norm hidden states (§3.2, training semantics: the
+        ids are shifted inside, the vacated tail is token 0); [] without MTP."""
         if not self.text.num_mtp_modules:
             return []
         if position_ids is None:
             position_ids = default_position_ids(input_ids.shape[0], input_ids.shape[1], input_ids.device)
-        cos, sin, causal = self.layer_inputs(position_ids)
+        return self.mtp_step(hidden_states, shift_left(input_ids), lm_head, position_ids)[0]
 
-        def run_layer(layer: nn.Module, x: Tensor) -> Tensor:
-            return layer(x, cos, sin, position_ids, causal)
+    def mtp_step(
+        self,
+        hidden_states: Tensor,
+        next_ids: Tensor,
+        lm_head: nn.Module,
+        position_ids: Tensor,
+        past: list[KVCache] | None = None,
+    ) -> tuple[list[Tensor], list[KVCache]]:
+        """MTP with a cache (§3.4): position i combines h_i with the embedding of `next_ids[:, i]` (the
+        token after position i). Returns per-depth logits and each depth's cache (past + these)."""
+        past_list: list[KVCache | None] = list(past) if past is not None else [None] * len(self.mtp.layers)
+        cos, sin, causal = self.layer_inputs(position_ids, cache_len(past_list[0]))
+        presents: list[KVCache] = []
 
-        return mtp_forward(self.mtp, hidden_states, input_ids, self.embed_tokens, lm_head, run_layer)
+        def run_layer(depth: int, layer: nn.Module, x: Tensor) -> Tensor:
+            out, present = layer(x, cos, sin, position_ids, causal, past_list[depth])
+            presents.append(present)
+            return out
+
+        return mtp_forward(self.mtp, hidden_states, next_ids, self.embed_tokens, lm_head, run_layer), presents
 
 
 class M3ForCausalLM(nn.Module):
@@ -166,10 +216,14 @@ class M3ForCausalLM(nn.Module):
         *,
         inputs_embeds: Tensor | None = None,
         position_ids: Tensor | None = None,
+        past_key_values: list[KVCache] | None = None,
     ) -> M3CausalLMOutput:
-        """Logits [B, S, V], MTP logits per depth (when MTP exists and input_ids are given), hidden [B, S, H]."""
-        hidden = self.model(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids)
+        """Logits [B, S, V], MTP logits per depth (when MTP exists, input_ids are given and there is no
+        cache: the training semantics of §3.2), hidden [B, S, H] and the per-layer caches."""
+        out = self.model(
+            input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=past_key_values
+        )
         mtp = None
-        if input_ids is not None and self.model.text.num_mtp_modules:
-            mtp = self.model.mtp_logits(hidden, input_ids, self.lm_head, position_ids)
-        return M3CausalLMOutput(self.lm_head(hidden), mtp, hidden)
+        if input_ids is not None and past_key_values is None and self.model.text.num_mtp_modules:
+            mtp = self.model.mtp_logits(out.hidden_states, input_ids, self.lm_head, position_ids)
+        return M3CausalLMOutput(self.lm_head(out.hidden_states), mtp, out.hidden_states, out.past_key_values)

@@ -159,11 +159,12 @@ class M3ForConditionalGeneration(nn.Module):
         )
         embeds = self.embed_and_splice(input_ids, image, video)
         lm = self.language_model
-        hidden = lm.model(inputs_embeds=embeds, position_ids=position_ids)
+        out = lm.model(inputs_embeds=embeds, position_ids=position_ids)
+        hidden = out.hidden_states
         mtp = None
         if lm.model.text.num_mtp_modules:
             mtp = lm.model.mtp_logits(hidden, input_ids, lm.lm_head, position_ids)
-        return M3CausalLMOutput(lm.lm_head(hidden), mtp, hidden)
+        return M3CausalLMOutput(lm.lm_head(hidden), mtp, hidden, out.past_key_values)
 
     def _check_ids(self, input_ids: Tensor) -> None:
         vocab = self.language_model.model.text.vocab_size

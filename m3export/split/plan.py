@@ -44,6 +44,11 @@ class SubgraphPlan:
     shared_uses: tuple[tuple[str, str], ...] = field(default=())  # (module, owning subgraph)
 
     @property
+    def cache_inputs(self) -> tuple[TensorSig, ...]:
+        """The `past.*` inputs (KV cache of the layers this subgraph owns), in graph order."""
+        return tuple(t for t in self.inputs if t.name.startswith("past."))
+
+    @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
@@ -76,6 +81,27 @@ def stage_layer_ranges(spec: M3Spec) -> list[tuple[int, int]]:
         ranges.append((start, end))
         start = end
     return ranges
+
+
+def cache_sigs(spec: M3Spec, layer: str, sparse: bool) -> tuple[list[TensorSig], list[TensorSig]]:
+    """The cache inputs `past.{layer}.*` and outputs `present.{layer}.*` of one decoder layer (§2.3):
+    post-RoPE key and raw value [batch, kv_heads, len, head_dim]; a sparse layer also the index key
+    [batch, len, index_dim] (§2.4). Past holds `past_seq` positions, present `past_seq+seq`."""
+    t = spec.text
+    kv = (t.num_key_value_heads, t.head_dim)
+    parts: list[tuple[str, tuple[int, ...]]] = [("key", kv), ("value", kv)]
+    if sparse:
+        assert t.sparse_attention_config is not None
+        parts.append(("index_key", (t.sparse_attention_config.sparse_index_dim,)))
+
+    def sig(prefix: str, name: str, dims: tuple[int, ...], length: str) -> TensorSig:
+        lead: tuple[Dim, ...] = ("batch", dims[0], length) if len(dims) == 2 else ("batch", length)
+        return TensorSig(f"{prefix}.{layer}.{name}", spec.dtype, (*lead, dims[-1]))
+
+    return (
+        [sig("past", n, d, "past_seq") for n, d in parts],
+        [sig("present", n, d, "past_seq+seq") for n, d in parts],
+    )
 
 
 def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
@@ -127,6 +153,10 @@ def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
                 outputs.append(TensorSig("final_hidden_states", act, ("batch", "seq", hidden)))
         else:
             outputs = [hs]
+        for j in range(start, end):
+            past, present = cache_sigs(spec, str(j), t.is_sparse_layer(j))
+            inputs += past
+            outputs += present
         plans.append(
             SubgraphPlan(
                 name=f"text_{i}",
@@ -138,16 +168,28 @@ def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
             )
         )
     if t.num_mtp_modules:
+        # mtp_input_ids[:, i] is the token after position i (input_ids shifted left by one, §3.2); the
+        # caller supplies it so that decoding can give the real next token at the last position.
+        mtp_in = [
+            TensorSig("final_hidden_states", act, ("batch", "seq", hidden)),
+            TensorSig("mtp_input_ids", "int64", ("batch", "seq")),
+            pos,
+        ]
+        mtp_out = [
+            TensorSig(f"mtp_logits.{d}", act, ("batch", "seq", t.vocab_size))
+            for d in range(t.num_mtp_modules)
+        ]
+        for d in range(t.num_mtp_modules):  # the MTP block is always MSA (§3.1)
+            past, present = cache_sigs(spec, f"mtp.{d}", t.uses_sparse_attention)
+            mtp_in += past
+            mtp_out += present
         plans.append(
             SubgraphPlan(
                 name="mtp",
                 kind="mtp",
                 modules=tuple(f"{root}model.mtp.layers.{d}" for d in range(t.num_mtp_modules)),
-                inputs=(TensorSig("final_hidden_states", act, ("batch", "seq", hidden)), ids, pos),
-                outputs=tuple(
-                    TensorSig(f"mtp_logits.{d}", act, ("batch", "seq", t.vocab_size))
-                    for d in range(t.num_mtp_modules)
-                ),
+                inputs=tuple(mtp_in),
+                outputs=tuple(mtp_out),
                 shared_uses=((f"{root}model.embed_tokens", "text_0"), (f"{root}lm_head", f"text_{last}")),
             )
         )

@@ -2,7 +2,7 @@
 
 Each wrapper holds references to the owned submodules of the full model (no copies), so the
 chained subgraphs compute exactly what the full model computes (parity step a). Forwards take
-explicit keyword parameters named as the plan's graph inputs (torch.export binds them by name).
+their tensors positionally, in the plan's input order (`export_onnx` names the graph inputs).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from m3export.model.attention import KVCache
 from m3export.model.splice import splice_features
-from m3export.model.text import M3ForCausalLM
+from m3export.model.text import M3ForCausalLM, cache_len
 from m3export.split.plan import SubgraphPlan
 
 
@@ -30,8 +31,34 @@ class VisionStage(nn.Module):
         return (self.vl.vision_features(pixel_values, vision_cos, vision_sin, vision_segment_ids),)
 
 
-class TextStage(nn.Module):
-    """Text layers [start, end); stage 0 adds embedding + splice, the last adds norm + lm_head."""
+def _cache(inputs: dict[str, Tensor], layer: str) -> KVCache:
+    """The `past.{layer}.*` inputs as one layer's cache (index_key only for sparse layers)."""
+    return KVCache(
+        inputs[f"past.{layer}.key"], inputs[f"past.{layer}.value"], inputs.get(f"past.{layer}.index_key")
+    )
+
+
+def _present(layer: str, cache: KVCache) -> list[Tensor]:
+    """One layer's `present.{layer}.*` outputs, in the plan's order (key, value, index_key?)."""
+    return [cache.key, cache.value] + ([] if cache.index_key is None else [cache.index_key])
+
+
+class _NamedInputs(nn.Module):
+    """Base of the text/MTP wrappers: `forward(*tensors)` in the plan's input order (graph input names
+    such as `past.3.key` are not Python identifiers); `run(inputs)` gets them by name."""
+
+    plan: SubgraphPlan
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return self.run(dict(zip(self.plan.input_names, tensors, strict=True)))
+
+    def run(self, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+
+class TextStage(_NamedInputs):
+    """Text layers [start, end) with their KV caches; stage 0 adds embedding + splice, the last adds
+    norm + lm_head. One graph serves prefill (past_seq 0) and decode."""
 
     def __init__(self, lm: M3ForCausalLM, plan: SubgraphPlan, image_token_index: int | None) -> None:
         super().__init__()
@@ -47,45 +74,50 @@ class TextStage(nn.Module):
         self.lm_head = lm.lm_head if self.last else None
         self._layer_inputs = text.layer_inputs
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        image_features: Tensor | None = None,
-        hidden_states: Tensor | None = None,
-        position_ids: Tensor | None = None,
-    ) -> tuple[Tensor, ...]:
-        assert position_ids is not None, "position_ids is a required input"
+    def run(self, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        position_ids = inputs["position_ids"]
         if self.first:
-            assert self.embed_tokens is not None and input_ids is not None
+            assert self.embed_tokens is not None
+            input_ids = inputs["input_ids"]
             x = self.embed_tokens(input_ids)
             if self.image_token_index is not None:
-                assert image_features is not None
-                x = splice_features(x, input_ids, image_features, self.image_token_index)
+                x = splice_features(x, input_ids, inputs["image_features"], self.image_token_index)
         else:
-            assert hidden_states is not None
-            x = hidden_states
-        cos, sin, causal = self._layer_inputs(position_ids)
-        for layer in self.layers.values():
-            x = layer(x, cos, sin, position_ids, causal)
+            x = inputs["hidden_states"]
+        caches = {name: _cache(inputs, name) for name in self.layers}
+        cos, sin, causal = self._layer_inputs(position_ids, cache_len(next(iter(caches.values()))))
+        presents: list[Tensor] = []
+        for name, layer in self.layers.items():
+            x, present = layer(x, cos, sin, position_ids, causal, caches[name])
+            presents += _present(name, present)
         if not self.last:
-            return (x,)
+            return (x, *presents)
         assert self.norm is not None and self.lm_head is not None
         h = self.norm(x)
-        return (self.lm_head(h), h) if self.emit_final_hidden else (self.lm_head(h),)
+        heads = (self.lm_head(h), h) if self.emit_final_hidden else (self.lm_head(h),)
+        return (*heads, *presents)
 
 
-class MTPStage(nn.Module):
-    """MTP depths: (final_hidden_states, input_ids, position_ids) -> mtp_logits.{d} (§3.2)."""
+class MTPStage(_NamedInputs):
+    """MTP depths with their caches: (final_hidden_states, mtp_input_ids, position_ids, past.mtp.*) ->
+    mtp_logits.{d}, present.mtp.* (§3.2, §3.4)."""
 
     def __init__(self, lm: M3ForCausalLM, plan: SubgraphPlan) -> None:
         super().__init__()
         self.plan = plan
         self.lm = lm
 
-    def forward(
-        self, final_hidden_states: Tensor, input_ids: Tensor, position_ids: Tensor
-    ) -> tuple[Tensor, ...]:
-        return tuple(self.lm.model.mtp_logits(final_hidden_states, input_ids, self.lm.lm_head, position_ids))
+    def run(self, inputs: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        model = self.lm.model
+        past = [_cache(inputs, f"mtp.{d}") for d in range(model.text.num_mtp_modules)]
+        logits, presents = model.mtp_step(
+            inputs["final_hidden_states"],
+            inputs["mtp_input_ids"],
+            self.lm.lm_head,
+            inputs["position_ids"],
+            past,
+        )
+        return (*logits, *(t for d, c in enumerate(presents) for t in _present(f"mtp.{d}", c)))
 
 
 def build_stage(model: nn.Module, plan: SubgraphPlan, image_token_index: int | None = None) -> nn.Module:

@@ -1,0 +1,200 @@
+"""Greedy generation with the built subgraphs and their KV cache, with optional MTP speculative decoding.
+
+Plain decoding: one prefill of the prompt through vision? + text stages, then one one-token call per
+new token; `present.*` outputs become the next call's `past.*` inputs.
+
+MTP speculative decoding (m3-architecture.md §3.4): the MTP subgraph at position i combines the main
+model's final hidden state h_i with the embedding of the token after i and predicts the token after
+that. Each round drafts one token from the last committed position, then verifies [last token, draft]
+with one forward of the main stages: the main model's own greedy token is always committed, and the
+draft's successor too when the draft was right. On a rejection the main cache is cut back to the
+committed positions; the MTP cache only ever holds committed positions, so it never rolls back.
+Output is therefore the plain greedy output. One draft per round: the MXFP8 release has one MTP layer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from m3export.errors import InputError
+from m3export.runners.chain import Cache, run_chain, truncate_cache
+from m3export.spec import M3Spec
+from m3export.split.plan import SubgraphPlan
+
+OnToken = Callable[[int], None]
+
+
+@dataclass
+class GenerateResult:
+    """Generated token ids (EOS included when produced) and decoding statistics."""
+
+    tokens: list[int]
+    prompt_len: int
+    stop_reason: str  # "eos" | "max_new_tokens" | "max_length"
+    main_forwards: int  # calls of the main stages, prefill included
+    drafted: int = 0
+    accepted: int = 0
+    backend: str = ""
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.tokens) / max(self.main_forwards, 1)
+
+
+class _Decoder:
+    """Runs the main stages (and MTP) through their caches; holds the position bookkeeping."""
+
+    def __init__(self, spec: M3Spec, plans: Sequence[SubgraphPlan], run: Callable[..., Any]) -> None:
+        self.hidden = spec.text.hidden_size
+        self.main = [p for p in plans if p.kind != "mtp"]
+        self.mtp = next((p for p in plans if p.kind == "mtp"), None)
+        self.run = run
+        self.cache: Cache | None = None  # main stages
+        self.mtp_cache: Cache | None = None
+        self.forwards = 0
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the main stages on new positions; returns its values, extends the cache."""
+        res = run_chain(self.main, inputs, self.run, self.cache, hidden_size=self.hidden)
+        self.cache = res.cache
+        self.forwards += 1
+        return res.values
+
+    def draft(self, hidden: np.ndarray, next_ids: np.ndarray, positions: np.ndarray) -> int:
+        """MTP depth 0 on committed positions: the arg-max token after next_ids[-1]."""
+        assert self.mtp is not None
+        feed = {
+            "input_ids": next_ids[None, :],
+            "final_hidden_states": hidden[None],
+            "mtp_input_ids": next_ids[None, :],
+            "position_ids": positions[None, :],
+        }
+        res = run_chain([self.mtp], feed, self.run, self.mtp_cache, hidden_size=self.hidden)
+        self.mtp_cache = res.cache
+        return int(res.values["mtp_logits.0"][0, -1].argmax())
+
+
+def generate_tokens(
+    spec: M3Spec,
+    plans: Sequence[SubgraphPlan],
+    run: Callable[..., Any],
+    prompt: dict[str, np.ndarray],
+    max_new_tokens: int,
+    *,
+    mtp: bool = False,
+    on_token: OnToken | None = None,
+) -> GenerateResult:
+    """Greedy decoding of one prompt (batch 1: input_ids, position_ids and optional vision inputs)."""
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    prompt_len = int(prompt["input_ids"].shape[1])
+    limit = spec.text.max_position_embeddings
+    if prompt_len > limit:
+        raise InputError(
+            f"the prompt has {prompt_len} tokens (images expanded); the spec's maximum length "
+            f"(text.max_position_embeddings) is {limit}"
+        )
+    if mtp and not any(p.kind == "mtp" for p in plans):
+        raise InputError("--mtp needs an MTP subgraph, but this build has none (text.num_mtp_modules is 0)")
+    dec = _Decoder(spec, plans, run)
+    eos = spec.text.eos_token_id
+    tokens: list[int] = []
+
+    def commit(tok: int) -> str | None:
+        tokens.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if eos is not None and tok == eos:
+            return "eos"
+        if len(tokens) >= max_new_tokens:
+            return "max_new_tokens"
+        if prompt_len + len(tokens) >= limit:
+            return "max_length"
+        return None
+
+    values = dec.forward(prompt)
+    stop = commit(int(values["logits"][0, -1].argmax()))
+    pos = prompt_len  # the position of the last committed token, not yet in the main cache
+    drafted = accepted = 0
+    if mtp:  # MTP positions pending: every prompt position, each with the token after it
+        hid = values["final_hidden_states"][0]
+        nxt = np.append(prompt["input_ids"][0, 1:], tokens[-1])
+        at = np.arange(prompt_len)
+    while stop is None:
+        if not mtp:
+            values = dec.forward(_step([tokens[-1]], pos))
+            pos += 1
+            stop = commit(int(values["logits"][0, -1].argmax()))
+            continue
+        draft = dec.draft(hid, nxt, at)
+        values = dec.forward(_step([tokens[-1], draft], pos))
+        drafted += 1
+        greedy = values["logits"][0].argmax(-1)
+        stop = commit(int(greedy[0]))
+        accepted += int(greedy[0]) == draft
+        if int(greedy[0]) == draft and stop is None:
+            stop = commit(int(greedy[1]))
+            hid, nxt, at = values["final_hidden_states"][0], np.array(tokens[-2:]), np.arange(pos, pos + 2)
+            pos += 2
+        else:  # keep position pos only: the draft's cache entries are dropped
+            assert dec.cache is not None
+            dec.cache = truncate_cache(dec.cache, pos + 1)
+            hid, nxt, at = (
+                values["final_hidden_states"][0, :1],
+                np.array(tokens[-1:]),
+                np.arange(pos, pos + 1),
+            )
+            pos += 1
+    return GenerateResult(tokens, prompt_len, stop, dec.forwards, drafted, accepted)
+
+
+def _step(ids: list[int], pos: int) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.array([ids], np.int64),
+        "position_ids": np.arange(pos, pos + len(ids), dtype=np.int64)[None, :],
+    }
+
+
+def generate_artifacts(
+    artifacts: str | os.PathLike,
+    backend: str,
+    input_ids: str,
+    images: Sequence[str | os.PathLike] = (),
+    max_new_tokens: int = 32,
+    *,
+    mtp: bool = False,
+    on_token: OnToken | None = None,
+) -> GenerateResult:
+    """The `generate` command: load a build, prepare the prompt as `run` does, decode greedily."""
+    import time
+
+    from m3export.run import BACKENDS, load_artifacts, make_runners, prepare_inputs
+
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    arts = load_artifacts(artifacts)
+    inp, _ = prepare_inputs(arts.spec, input_ids, images)
+    runners = make_runners(arts, backend)
+    start = time.perf_counter()
+    result = generate_tokens(
+        arts.spec,
+        arts.plans,
+        lambda plan, feed: runners[plan.name].infer(feed),
+        {k: v.numpy() for k, v in inp.items()},
+        max_new_tokens,
+        mtp=mtp,
+        on_token=on_token,
+    )
+    result.backend, result.seconds = backend, time.perf_counter() - start
+    return result

@@ -1,0 +1,118 @@
+"""Run planned subgraphs in order with any runner, carrying the KV cache between calls.
+
+One function serves the build's parity steps, `run` and `generate`: each subgraph is fed by name from
+the given inputs, the cache and the outputs of earlier subgraphs. `present.*` outputs become the next
+call's `past.*` inputs (key slot j holds position j, m3-architecture.md §2.3-2.4).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from m3export.split.plan import SubgraphPlan
+
+Run = Callable[[SubgraphPlan, dict[str, np.ndarray]], dict[str, np.ndarray]]
+Cache = dict[str, np.ndarray]  # "past.{layer}.{key|value|index_key}" -> array
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """Every input and produced value, the feed each subgraph got, and the cache after this call."""
+
+    values: dict[str, np.ndarray]
+    feeds: dict[str, dict[str, np.ndarray]]
+    cache: Cache
+
+
+def empty_cache(plans: Sequence[SubgraphPlan], batch: int) -> Cache:
+    """Zero-length `past.*` arrays (past_seq 0) for every cache input of `plans`."""
+    cache: Cache = {}
+    for plan in plans:
+        for sig in plan.cache_inputs:
+            sizes = {"batch": batch, "past_seq": 0}
+            shape = [d if isinstance(d, int) else sizes[d] for d in sig.dims]
+            cache[sig.name] = np.zeros(shape, np.float32)
+    return cache
+
+
+def cache_length(cache: Cache) -> int:
+    """Number of cached positions (0 for an empty cache)."""
+    return next((v.shape[2] for k, v in cache.items() if k.endswith(".key")), 0)
+
+
+def truncate_cache(cache: Cache, length: int) -> Cache:
+    """The cache of the first `length` positions (speculative decoding's rollback)."""
+    return {k: v[:, :, :length] if v.ndim == 4 else v[:, :length] for k, v in cache.items()}
+
+
+def shift_left(ids: np.ndarray) -> np.ndarray:
+    """ids [B, S] shifted left by one, the tail filled with token 0: MTP's training-time next ids (§3.2)."""
+    return np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+
+
+def run_chain(
+    plans: Sequence[SubgraphPlan],
+    inputs: dict[str, np.ndarray],
+    run: Run,
+    cache: Cache | None = None,
+    *,
+    hidden_size: int,
+) -> ChainResult:
+    """Run `plans` in order on `inputs` (input_ids, position_ids, vision inputs, optional
+    mtp_input_ids). Without a cache the chain starts from past_seq 0. Without `pixel_values` the vision
+    subgraph is skipped and stage 0 gets image_features [0, H]. Without `mtp_input_ids`, MTP gets
+    shift_left(input_ids) (a prompt forward, training semantics)."""
+    ids = inputs["input_ids"]
+    values = dict(inputs)
+    values.update(cache if cache is not None else empty_cache(plans, ids.shape[0]))
+    values.setdefault("mtp_input_ids", shift_left(ids))
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    for plan in plans:
+        if plan.kind == "vision" and "pixel_values" not in values:
+            values["image_features"] = np.zeros((0, hidden_size), np.float32)
+            continue
+        feed = {n: values[n] for n in plan.input_names}
+        feeds[plan.name] = feed
+        values.update(run(plan, feed))
+    new_cache = {"past." + k[len("present.") :]: v for k, v in values.items() if k.startswith("present.")}
+    return ChainResult(values, feeds, new_cache)
+
+
+def run_chunks(
+    plans: Sequence[SubgraphPlan],
+    inputs: dict[str, np.ndarray],
+    run: Run,
+    bounds: Sequence[int],
+    *,
+    hidden_size: int,
+    outputs: Sequence[str],
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Run a prompt as chunks [0, b0), [b0, b1), ..., [b_last, S) through the cache (chunked prefill
+    then decode steps); returns `outputs` concatenated over the sequence and the last chunk's feeds.
+
+    Vision inputs go with the first chunk, which must hold every image placeholder. MTP gets the
+    prompt's shift_left(input_ids), sliced, so the result equals one prompt forward.
+    """
+    ids = inputs["input_ids"]
+    seq = ids.shape[1]
+    edges = [0, *bounds, seq]
+    assert all(a < b for a, b in itertools.pairwise(edges)), edges
+    next_ids = inputs.get("mtp_input_ids", shift_left(ids))
+    per_seq = {"input_ids", "position_ids"}
+    cache: Cache | None = None
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
+    feeds: dict[str, dict[str, np.ndarray]] = {}
+    for i, (a, b) in enumerate(itertools.pairwise(edges)):
+        chunk = {k: v[:, a:b] for k, v in inputs.items() if k in per_seq}
+        chunk["mtp_input_ids"] = next_ids[:, a:b]
+        if i == 0:
+            chunk.update({k: v for k, v in inputs.items() if k not in per_seq and k != "mtp_input_ids"})
+        result = run_chain(plans, chunk, run, cache, hidden_size=hidden_size)
+        cache, feeds = result.cache, result.feeds
+        for n in outputs:
+            parts[n].append(result.values[n])
+    return {n: np.concatenate(p, axis=1) for n, p in parts.items()}, feeds
