@@ -25,9 +25,11 @@ setup: $(STAMP)
 build: $(STAMP)
 	$(VENV)/bin/m3export build $(SPEC)
 
-## The whole test suite (what CI runs).
+## The whole test suite, then the CI parity gate on a fresh tiny build (what CI runs: .ci/run).
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(VENV)/bin/m3export build $(SPEC) --out artifacts/ci/m3-tiny
+	$(VENV)/bin/m3export check artifacts/ci/m3-tiny --report artifacts/ci/check.json
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

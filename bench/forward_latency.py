@@ -37,19 +37,6 @@ def text_only_spec(path: Path) -> M3Spec:
     return M3Spec.model_validate(data)
 
 
-def register_text_only_conversion() -> None:
-    """transformers registers the §6.1 key conversion for the VL model type only; the text-only class
-    gets the same renames minus the VL prefix moves (as tests/test_parity_transformers.py)."""
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
-
-    vl = get_checkpoint_conversion_mapping("minimax_m3_vl")
-    text = [t for t in vl if not any(p.startswith("^") for p in t.source_patterns)]
-    register_checkpoint_conversion_mapping("MiniMaxM3VLForCausalLM", text, overwrite=True)
-
-
 def load_models(spec: M3Spec, ckpt: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """name -> forward(ids) -> logits, for ours and transformers under each attention implementation."""
     from transformers import MiniMaxM3VLForCausalLM
@@ -141,6 +128,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from m3export.parity.hf_oracle import register_text_only_conversion
+
     register_text_only_conversion()
     for name in args.variants:
         run_variant(SPECS / f"{name}.yaml", args)

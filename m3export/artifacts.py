@@ -44,11 +44,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def remove_stale_staging(out: Path) -> None:
+    """Remove staging directories of killed builds of `out` (every build starts with this)."""
+    for stale in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def new_staging_dir(out: Path) -> Path:
     """A fresh staging directory beside `out`; stale ones from killed builds are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_staging(out)
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
 
 

@@ -135,14 +135,20 @@ def build_cmd(
     spec = load_spec(spec_file)
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
     result = build(spec, out or Path("artifacts") / spec.name, names, progress=typer.echo)
+    if result.up_to_date:
+        typer.echo(f"build {spec.name}: up to date ({result.seconds:.1f} s) -> {result.out_dir}")
+        return
     header = ("subgraph", "step", "case", "output", "max_abs", "cosine", "top1", "result")
     rows = [header, *parity_rows(result.reports)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    for r in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     if result.passed:
         typer.echo(f"build {spec.name}: pass ({result.seconds:.1f} s) -> {result.out_dir}")
         return
+    for rep in result.reports:
+        if rep.localisation is not None:
+            _echo_err(f"{rep.subject} {rep.case}: {rep.localisation['summary']}")
     _echo_err(
         f"build {spec.name}: parity FAILED in {', '.join(result.failed_subjects())} "
         f"({result.seconds:.1f} s) -> {result.out_dir}"
@@ -162,7 +168,11 @@ def run_cmd(
         ),
     ],
     backend: Annotated[
-        str, typer.Option("--backend", help="ort: the ONNX subgraphs; torch: the eager stage wrappers")
+        str,
+        typer.Option(
+            "--backend",
+            help="ort: the ONNX subgraphs; torch: the eager stage wrappers; trt: the TensorRT engines (GPU)",
+        ),
     ] = "ort",
     image: Annotated[
         list[Path] | None,
@@ -234,7 +244,11 @@ def generate_cmd(
     ],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="stop after this many tokens")] = 32,
     backend: Annotated[
-        str, typer.Option("--backend", help="ort: the ONNX subgraphs; torch: the eager stage wrappers")
+        str,
+        typer.Option(
+            "--backend",
+            help="ort: the ONNX subgraphs; torch: the eager stage wrappers; trt: the TensorRT engines (GPU)",
+        ),
     ] = "ort",
     image: Annotated[
         list[Path] | None,

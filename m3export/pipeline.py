@@ -15,6 +15,7 @@ to `<out>.failed` otherwise (a previous good `out` stays intact).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,12 +31,22 @@ from m3export.artifacts import (
     SCHEMA_VERSION,
     new_staging_dir,
     publish,
+    read_manifest,
+    remove_stale_staging,
     sha256_file,
     tool_versions,
     write_json_atomic,
 )
+from m3export.buildcache import subgraph_key
 from m3export.errors import InputError
+from m3export.integrity import seal_manifest
 from m3export.parity.compare import Kind, ParityReport, compare_outputs
+from m3export.parity.intermediates import (
+    capture_intermediates,
+    expose_intermediates,
+    localise,
+    routing_report,
+)
 from m3export.runners.chain import run_chain, run_chunks
 from m3export.spec import M3Spec, dump_spec, spec_hash
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
@@ -48,7 +59,8 @@ TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 16, 5
 # Decode parity (step d): the last DECODE_STEPS positions of each golden case are fed one at a time
 # through the cache after a chunked prefill of the rest.
 DECODE_STEPS = 3
-STEP_LETTER = {"split": "a", "onnx": "b", "end_to_end": "c", "decode": "d"}
+STEP_LETTER = {"split": "a", "onnx": "b", "routing": "b", "end_to_end": "c", "decode": "d", "generate": "e"}
+GENERATE_TOKENS = 16  # step e: new tokens per prompt (decode queries reach past 2 x top-k blocks)
 TRACE_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 4), (1, 4, 8))  # 48 patches, 12 image tokens
 
 
@@ -79,6 +91,9 @@ def golden_cases(spec: M3Spec) -> list[GoldenCase]:
 class SubgraphResult:
     plan: SubgraphPlan
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    key: str = ""  # content key of the exported files (m3export.buildcache)
+    trt: Any = None  # m3export.trt.result.TrtResult when "trt" is an export target
+    reused: bool = False  # the ONNX files were taken from the previous build (same key)
     node_counts: dict[str, int] = field(default_factory=dict)
     export_seconds: float | None = None
     reports: list[ParityReport] = field(default_factory=list)
@@ -93,13 +108,14 @@ class BuildResult:
     reports: list[ParityReport]
     manifest: dict[str, Any]
     seconds: float
+    up_to_date: bool = False  # nothing changed: the previous build in out_dir was kept as it is
 
     @property
     def status(self) -> str:
         return "pass" if self.passed else "fail"
 
     def failed_subjects(self) -> list[str]:
-        return sorted({r.subject for r in self.reports if not r.passed})
+        return sorted({r.subject for r in self.reports if r.failed})
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -181,9 +197,12 @@ def build(
     only: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Build every planned subgraph (or those in `only`) and publish them with a manifest.
+    """Build every planned subgraph and publish them with a manifest.
 
-    Steps a and c need every subgraph, so with `only` they run only if `only` names them all.
+    Incremental: a subgraph whose content key matches the previous (intact, passing) build in
+    `out_dir` reuses its ONNX files; when every key matches, nothing is rebuilt ("up to date").
+    `only` limits what is (re)exported: other subgraphs are carried over from the previous build when
+    unchanged, else left out. Steps a, c, d and e need every subgraph.
     """
     from m3export.export.onnx_export import export_onnx
     from m3export.forward import load_model
@@ -201,8 +220,6 @@ def build(
         unknown = [n for n in only if n not in names]
         if unknown:
             raise InputError(f"--only: unknown subgraph(s) {unknown}; this spec plans {names}")
-    selected = [p for p in plans if not only or p.name in only]
-    complete = len(selected) == len(plans)
     moe_name = spec.export.moe
     moe = get_lowering(moe_name)
     tols = spec.tolerances
@@ -210,6 +227,18 @@ def build(
 
     say(f"load model {spec.name} ({'checkpoint' if spec.weights.checkpoint else 'random'} weights)")
     model = load_model(spec)
+    tools = tool_versions()
+    keys = {p.name: subgraph_key(spec, p, model, moe_name, _trace_json(), tools) for p in plans}
+    remove_stale_staging(out)
+    prev = _previous_build(out, say)
+    # --only limits what is (re)exported; unchanged subgraphs of the previous build are carried over.
+    prev_keys = {n: s.get("key") for n, s in (prev or {}).get("subgraphs", {}).items()}
+    selected = [p for p in plans if not only or p.name in only or prev_keys.get(p.name) == keys[p.name]]
+    complete = len(selected) == len(plans)
+    keys = {p.name: keys[p.name] for p in selected}
+    if prev is not None and _up_to_date(prev, spec, keys):
+        say(f"up to date: {out} holds a passing build of every selected subgraph with the same keys")
+        return BuildResult(out, True, [], prev, time.perf_counter() - start, up_to_date=True)
     stages = {p.name: build_stage(model, p, image_token) for p in plans}
     torch_runners = {
         p.name: TorchRunner(stages[p.name], p.input_names, p.output_names, f"torch:{p.name}") for p in plans
@@ -259,27 +288,34 @@ def build(
         res = results[plan.name]
         sub_dir = staging / plan.name
         sub_dir.mkdir()
-        say(f"[b export] {plan.name} (moe lowering {moe_name})")
-        try:
-            art = _export_subgraph(
-                export_onnx, stages[plan.name], plan, spec, moe, sub_dir / f"{plan.name}.onnx"
-            )
-        except Exception as err:  # the lowering check or the exporter failed: a failed gate, not a crash
-            msg = f"export failed: {type(err).__name__}: {' '.join(str(err).splitlines())[:500]}"
-            res.reports.append(ParityReport("onnx", plan.name, "export", {}, (), msg))
-            say(f"[b export] {plan.name}: FAIL {msg}")
-            continue
-        res.node_counts, res.export_seconds = art.node_counts, art.export_seconds
-        ort_runners[plan.name] = OrtRunner(art.path)
-        golden_in: dict[str, np.ndarray] = {}
-        golden_out: dict[str, np.ndarray] = {}
+        onnx_path = sub_dir / f"{plan.name}.onnx"
+        res.key = keys[plan.name]
+        reused = _reuse_onnx(prev, out, plan.name, res.key, sub_dir)
+        if reused is not None:
+            res.node_counts, res.export_seconds, res.reused = reused["node_counts"], None, True
+            say(f"[b export] {plan.name}: unchanged (key {res.key[:12]}), reusing its ONNX files")
+        else:
+            say(f"[b export] {plan.name} (moe lowering {moe_name})")
+            try:
+                art = _export_subgraph(export_onnx, stages[plan.name], plan, spec, moe, onnx_path)
+            except Exception as err:  # the lowering check or the exporter failed: a failed gate, not a crash
+                msg = f"export failed: {type(err).__name__}: {' '.join(str(err).splitlines())[:500]}"
+                res.reports.append(ParityReport("onnx", plan.name, "export", {}, (), msg))
+                say(f"[b export] {plan.name}: FAIL {msg}")
+                continue
+            res.node_counts, res.export_seconds = art.node_counts, art.export_seconds
+        ort_runners[plan.name] = OrtRunner(onnx_path)
+        # A parity copy exposing each layer's output and each MoE's expert indices (in memory only).
+        debug = expose_intermediates(onnx_path).runner()
+        golden: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "outputs": {}, "intermediates": {}}
         for case, feeds in feeds_by_case:
             feed = feeds.get(plan.name)
             if feed is None:  # vision without images, or a decode step
                 continue
             want = torch_runners[plan.name].infer(feed)
-            golden_in.update({f"{case}/{k}": v for k, v in feed.items()})
-            golden_out.update({f"{case}/{k}": v for k, v in want.items()})
+            want_dbg = capture_intermediates(stages[plan.name], feed)
+            for kind, values in (("inputs", feed), ("outputs", want), ("intermediates", want_dbg)):
+                golden[kind].update({f"{case}/{k}": v for k, v in values.items()})
             if tols.onnx is None:
                 continue
             try:
@@ -287,14 +323,27 @@ def build(
                 rep = compare_outputs(
                     "onnx", plan.name, case, got, want, tols.onnx, _kinds(plan.output_names)
                 )
+                got_dbg = debug.infer(feed)
             except Exception as err:
                 rep = ParityReport(
                     "onnx", plan.name, case, tols.onnx.model_dump(mode="json"), (), f"ORT: {err}"
                 )
+                got_dbg = {}
+            if rep.failed and got_dbg:
+                rep = localise(rep, got_dbg, want_dbg, tols.onnx)
             res.reports.append(rep)
             say(f"[b onnx] {plan.name} {case}: {'pass' if rep.passed else 'FAIL'}")
-        np.savez(sub_dir / "golden_inputs.npz", **golden_in)  # type: ignore[arg-type]
-        np.savez(sub_dir / "golden_outputs.npz", **golden_out)  # type: ignore[arg-type]
+            if got_dbg and any(n.endswith(".experts") for n in want_dbg):
+                routing = routing_report("routing", plan.name, case, got_dbg, want_dbg, tols.onnx)
+                res.reports.append(routing)
+                say(f"[b routing] {plan.name} {case}: {'pass' if routing.passed else 'FAIL'}")
+        # Goldens for `check`: inputs/outputs per case, and the eager layer outputs / expert choices
+        # (golden_intermediates) it uses to localise a failure.
+        for kind, values in golden.items():
+            np.savez(sub_dir / f"golden_{kind}.npz", **values)  # type: ignore[arg-type]
+        if "trt" in spec.export.targets:
+            res.trt = _trt_target(spec, plan, stages[plan.name], sub_dir, golden, onnx_path, staging, say)
+            res.reports += res.trt.reports + res.trt.skips
         for f in sorted(sub_dir.iterdir()):
             res.files[f"{plan.name}/{f.name}"] = sha256_file(f)
 
@@ -317,22 +366,24 @@ def build(
             if all_ort:
                 gate("decode", f"{c.name}:ort", chunked(c, run_ort)[0], tols.decode)
 
+    # e. generate: greedy tokens through the caches on the batch-1 golden prompts.
+    if tols.generate is not None and all_ort:
+        prompts = {c.name: case_inputs[c.name] for c in cases if c.batch == 1}
+        global_reports += _generate_reports(
+            spec, model, plans, run_ort, run_torch, prompts, tols.generate, say
+        )
+
     reports = [r for p in selected for r in results[p.name].reports] + global_reports
-    passed = all(r.passed for r in reports)
+    passed = not any(r.failed for r in reports)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "spec": dump_spec(spec),
         "spec_hash": spec_hash(spec),
-        "tool_versions": tool_versions(),
+        "tool_versions": tools,
         "moe_lowering": moe_name,
         "status": "pass" if passed else "fail",
         "only": list(only) if only else None,
-        "trace_shapes": {
-            "batch": TRACE_BATCH,
-            "seq": TRACE_SEQ,
-            "past_seq": TRACE_PAST,
-            "grids": [list(g) for g in TRACE_GRIDS],
-        },
+        "trace_shapes": _trace_json(),
         "golden_cases": [
             {"name": c.name, "batch": c.batch, "seq": c.seq, "grids": [list(g) for g in c.grids]}
             for c in cases
@@ -341,19 +392,174 @@ def build(
             name: {
                 **r.plan.to_json(),
                 "files": r.files,
+                "key": r.key,
+                "reused": r.reused,
                 "node_counts": r.node_counts,
                 "export_seconds": r.export_seconds,
                 "parity": [rep.to_json() for rep in r.reports],
+                **({"trt": r.trt.manifest_entry()} if r.trt is not None else {}),
             }
             for name, r in results.items()
         },
+        **_trt_manifest(spec, [r.trt for r in results.values() if r.trt is not None], staging),
         "parity": [rep.to_json() for rep in global_reports],
     }
     write_json_atomic(staging / MANIFEST, _jsonable(manifest))
+    seal_manifest(staging)  # manifest.sha256: `check` refuses a manifest edited after the build
     dest = out if passed else out.with_name(out.name + ".failed")
     publish(staging, dest)
     say(f"published {dest} ({'pass' if passed else 'FAIL'})")
     return BuildResult(dest, passed, reports, manifest, time.perf_counter() - start)
+
+
+def _trace_json() -> dict[str, Any]:
+    return {
+        "batch": TRACE_BATCH,
+        "seq": TRACE_SEQ,
+        "past_seq": TRACE_PAST,
+        "grids": [list(g) for g in TRACE_GRIDS],
+    }
+
+
+def _trt_target(
+    spec: M3Spec,
+    plan: SubgraphPlan,
+    stage: nn.Module,
+    sub_dir: Path,
+    golden: dict[str, dict[str, np.ndarray]],
+    onnx_path: Path,
+    staging: Path,
+    say: Progress,
+) -> Any:
+    """The TensorRT flavour of one subgraph (docs/tensorrt.md): plugin-lowered ONNX, CPU checks, ORT
+    twin parity, and the engine where TensorRT and a GPU exist (else a skipped report)."""
+    from m3export.trt.build import build_trt_targets
+
+    cases = sorted({k.split("/", 1)[0] for k in golden["inputs"]})
+
+    def case_values(kind: str, case: str) -> dict[str, np.ndarray]:
+        return {k.split("/", 1)[1]: v for k, v in golden[kind].items() if k.startswith(case + "/")}
+
+    pairs = {c: (case_values("inputs", c), case_values("outputs", c)) for c in cases}
+    axes = {s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)} for s in plan.inputs}
+    return build_trt_targets(
+        spec,
+        plan,
+        stage,
+        sub_dir,
+        _trace_inputs(spec, plan),
+        axes,
+        pairs,
+        ort_onnx=onnx_path if onnx_path.is_file() else None,
+        timing_cache=staging / "trt_timing.cache",
+        say=say,
+    )
+
+
+def _trt_manifest(spec: M3Spec, results: list[Any], staging: Path) -> dict[str, Any]:
+    """The top-level `trt` section: aggregate status, plugin records, the operator list's source."""
+    if "trt" not in spec.export.targets:
+        return {}
+    from m3export.trt.graph_check import load_supported_ops
+    from m3export.trt.plugin import plugin_record
+
+    statuses = {r.status for r in results}
+    status = "fail" if "fail" in statuses else "skipped" if "skipped" in statuses else "pass"
+    cache = staging / "trt_timing.cache"
+    return {
+        "trt": {
+            "status": status,
+            "plugins": [plugin_record()],
+            "timing_cache": cache.name if cache.is_file() else None,
+            "supported_ops_source": load_supported_ops().source,
+        }
+    }
+
+
+def _previous_build(out: Path, say: Progress) -> dict[str, Any] | None:
+    """The manifest of a passing build in `out` that passes check's integrity verification, else None."""
+    from m3export.errors import ArtifactError
+    from m3export.integrity import verify_artifacts
+
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        verify_artifacts(out)
+        manifest = read_manifest(out)
+    except ArtifactError as err:
+        say(f"previous build in {out} is not reusable: {err}")
+        return None
+    return manifest if manifest.get("status") == "pass" else None
+
+
+def _up_to_date(prev: dict[str, Any], spec: M3Spec, keys: dict[str, str]) -> bool:
+    """Same spec and the same subgraphs with the same keys: nothing to rebuild."""
+    subs = prev.get("subgraphs", {})
+    return (
+        prev.get("spec_hash") == spec_hash(spec)
+        and set(subs) == set(keys)
+        and all(subs[n].get("key") == k for n, k in keys.items())
+    )
+
+
+def _reuse_onnx(
+    prev: dict[str, Any] | None, out: Path, name: str, key: str, sub_dir: Path
+) -> dict[str, Any] | None:
+    """Copy a subgraph's ONNX files from the previous build when its key matches; its manifest entry."""
+    sub = (prev or {}).get("subgraphs", {}).get(name)
+    if sub is None or sub.get("key") != key:
+        return None
+    for rel in sub["files"]:
+        if rel.endswith((".onnx", ".onnx.data")):
+            shutil.copy2(out / rel, sub_dir / Path(rel).name)  # verified by _previous_build
+    return dict(sub)
+
+
+def _generate_reports(
+    spec: M3Spec,
+    model: nn.Module,
+    plans: Sequence[SubgraphPlan],
+    run_ort: Any,
+    run_torch: Any,
+    prompts: dict[str, dict[str, np.ndarray]],
+    tol: Any,
+    say: Progress,
+) -> list[ParityReport]:
+    """Step e: GENERATE_TOKENS greedy tokens per prompt from ORT vs eager torch vs transformers'
+    generate (skipped without transformers), and MTP speculative vs plain decoding (ORT)."""
+    from m3export.generate import generate_tokens
+    from m3export.parity.hf_oracle import hf_greedy
+
+    ort = {n: generate_tokens(spec, plans, run_ort, p, GENERATE_TOKENS).tokens for n, p in prompts.items()}
+    others: dict[str, dict[str, list[int]] | str] = {
+        "torch": {
+            n: generate_tokens(spec, plans, run_torch, p, GENERATE_TOKENS).tokens for n, p in prompts.items()
+        }
+    }
+    if spec.text.num_mtp_modules:
+        others["mtp"] = {
+            n: generate_tokens(spec, plans, run_ort, p, GENERATE_TOKENS, mtp=True).tokens
+            for n, p in prompts.items()
+        }
+    try:
+        hf = hf_greedy(spec, model, list(prompts.values()), GENERATE_TOKENS)
+        others["transformers"] = dict(zip(prompts, hf, strict=True))
+    except ImportError as err:
+        others["transformers"] = f"transformers is not installed ({err}); pip install 'm3export[dev]'"
+    reports = []
+    for ref, got in others.items():
+        for name in prompts:
+            case = f"{name}:ort-vs-{ref}"
+            if isinstance(got, str):
+                rep = ParityReport("generate", "pipeline", case, tol.model_dump(mode="json"), skipped=got)
+            else:
+                tokens = {"tokens": np.array(ort[name])}
+                rep = compare_outputs(
+                    "generate", "pipeline", case, tokens, {"tokens": np.array(got[name])}, tol
+                )
+            reports.append(rep)
+            say(f"[e generate] {case}: {rep.status.upper() if rep.status != 'pass' else 'pass'}")
+    return reports
 
 
 def _export_subgraph(
@@ -392,6 +598,7 @@ def _trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
         "hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
         "final_hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
         "mtp_input_ids": base["input_ids"],
+        "mtp_lookahead_ids": base["input_ids"][:, : max(spec.text.num_mtp_modules - 1, 0)],
     }
     # Positions continue after TRACE_PAST cached ones (a chunked-prefill call).
     base["position_ids"] = base["position_ids"] + TRACE_PAST
@@ -417,6 +624,9 @@ def parity_rows(reports: Sequence[ParityReport]) -> list[tuple[str, ...]]:
     """(subgraph, step, case, output, max_abs, cosine, top1, verdict) per output of every report."""
     rows: list[tuple[str, ...]] = []
     for r in reports:
+        if r.skipped is not None:
+            rows.append((r.subject, r.step, r.case, "-", "-", "-", "-", f"SKIP ({r.skipped})"))
+            continue
         if r.error is not None or not r.outputs:
             rows.append((r.subject, r.step, r.case, "-", "-", "-", "-", f"FAIL ({r.error})"))
             continue

@@ -27,8 +27,8 @@ from m3export.errors import ArtifactError, InputError
 from m3export.spec import M3Spec
 from m3export.split.plan import SubgraphPlan
 
-Backend = Literal["ort", "torch"]
-BACKENDS: tuple[str, ...] = ("ort", "torch")
+Backend = Literal["ort", "torch", "trt"]
+BACKENDS: tuple[str, ...] = ("ort", "torch", "trt")
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,14 @@ class Artifacts:
 
 
 def load_artifacts(root: str | os.PathLike) -> Artifacts:
-    """Read manifest.json, recreate the spec from its canonical copy and the plans the build exported."""
+    """Verify the artifact directory as `check` does (seal, sha256 of every file, paths; ArtifactError,
+    exit 3), then recreate the spec from the manifest and the plans the build exported."""
+    from m3export.integrity import verify_artifacts
     from m3export.spec import parse_spec
     from m3export.split.plan import plan_subgraphs
 
     root = Path(root)
+    verify_artifacts(root)
     manifest = read_manifest(root)
     if not isinstance(manifest.get("spec"), dict) or not isinstance(manifest.get("subgraphs"), dict):
         raise ArtifactError(f"{root / MANIFEST}: missing the 'spec' or 'subgraphs' section")
@@ -118,6 +121,14 @@ def make_runners(arts: Artifacts, backend: str) -> dict[str, Any]:
         from m3export.runners.ort_runner import OrtRunner
 
         return {p.name: OrtRunner(arts.onnx_path(p)) for p in arts.plans}
+    if backend == "trt":
+        from m3export.runners.trt_runner import TrtRunner
+        from m3export.trt.engine import tensorrt_unavailable
+
+        reason = tensorrt_unavailable()
+        if reason is not None:
+            raise InputError(f"--backend trt: TensorRT is not available ({reason}); use --backend ort")
+        return {p.name: TrtRunner.from_manifest(arts.root, arts.manifest, p.name) for p in arts.plans}
     if backend == "torch":
         from m3export.forward import load_model
         from m3export.runners.torch_runner import TorchRunner

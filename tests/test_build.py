@@ -53,7 +53,7 @@ def test_build_ort_passes_and_writes_a_manifest(
         else:
             assert moe == 0
     steps = {r["step"] for r in manifest["parity"]}
-    assert steps == {"split", "end_to_end", "decode"}
+    assert steps == {"split", "end_to_end", "decode", "generate"}
     decode = {r["case"] for r in manifest["parity"] if r["step"] == "decode"}
     assert {"b2_s40_img2:ort", "b2_s40_img2:torch"} <= decode
     split = [o for r in manifest["parity"] if r["step"] == "split" for o in r["outputs"]]
@@ -66,7 +66,14 @@ def test_build_portable_passes(tmp_path: Path, tiny_spec: M3Spec) -> None:
     data["export"]["moe"] = "portable"
     result = build(M3Spec.model_validate(data), tmp_path / "portable")
     assert result.passed, result.failed_subjects()
-    assert {r.step for r in result.reports} == {"onnx", "split", "end_to_end", "decode"}
+    assert {r.step for r in result.reports} == {
+        "onnx",
+        "routing",
+        "split",
+        "end_to_end",
+        "decode",
+        "generate",
+    }
     for name, sub in result.manifest["subgraphs"].items():
         assert not [k for k in sub["node_counts"] if "::" in k], name  # default ONNX domain only
 
@@ -83,6 +90,8 @@ def test_planted_moe_layout_bug_fails_the_build_and_keeps_out(
     code, stdout, stderr = run_cli(["build", str(SPEC), "--out", str(out), "--only", "text_1"], capsys)
     assert code == 1, stdout + stderr
     assert "parity FAILED in text_1" in stderr
+    # Localised: text_1 owns layers 2-3; both are MoE, so layer 2 is the first to diverge.
+    assert "text_1 b2_s40_img2: first divergent layer layers.2" in stderr
     assert "FAIL" in stdout
     assert (out / "keep.txt").read_text() == "previous good build"
     failed = json.loads((tmp_path / "m3-tiny.failed" / "manifest.json").read_text())
@@ -94,3 +103,29 @@ def test_unknown_subgraph_is_a_user_error(tmp_path: Path, capsys: pytest.Capture
     code, _, stderr = run_cli(["build", str(SPEC), "--out", str(tmp_path / "x"), "--only", "text_9"], capsys)
     assert code == 2
     assert "text_9" in stderr and "text_0" in stderr
+
+
+def test_build_with_trt_target_reports_engines_skipped(
+    tmp_path: Path, tiny_spec: M3Spec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without TensorRT: TRT-flavoured ONNX + CPU checks (ORT twin parity) pass, the engine is SKIP
+    (not pass) in the table and the manifest, and the build exits 0."""
+    pytest.importorskip("onnx")
+    from m3export.trt.engine import tensorrt_unavailable
+
+    if tensorrt_unavailable() is None:
+        pytest.skip("TensorRT and a GPU are present: the engine would be built (see tests/test_trt_gpu.py)")
+    data = tiny_spec.model_dump(mode="json")
+    data["export"]["targets"] = ["onnx", "trt"]
+    spec_file = tmp_path / "trt.yaml"
+    spec_file.write_text(json.dumps(data))
+    out = tmp_path / "trt"
+    code, stdout, stderr = run_cli(["build", str(spec_file), "--out", str(out), "--only", "text_1"], capsys)
+    assert code == 0, stdout + stderr
+    assert "trt_engine" in stdout and "SKIP (no engine:" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["subgraphs"]["text_1"]["trt"]
+    assert entry["status"] == "skipped" and manifest["trt"]["status"] == "skipped"
+    assert "text_1/text_1.trt.onnx" in manifest["subgraphs"]["text_1"]["files"]
+    steps = {(r["step"], r["status"]) for r in manifest["subgraphs"]["text_1"]["parity"]}
+    assert ("trt_twin", "pass") in steps and ("trt_engine", "skip") in steps

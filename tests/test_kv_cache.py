@@ -68,3 +68,30 @@ def test_cache_requires_positions(model: M3ForCausalLM) -> None:
         past = model(ids).past_key_values
         with pytest.raises(ValueError, match="position_ids"):
             model(ids[:, :1], past_key_values=past)
+
+
+def test_two_mtp_depths_chunked_with_lookahead_equal_mtp_logits(tiny_text_spec: M3Spec) -> None:
+    """Depth 1 reads one token past a chunk: `lookahead_ids` supplies it, so chunks equal one pass."""
+    from conftest import spec_variant
+
+    model = M3ForCausalLM.from_config(spec_variant(tiny_text_spec, num_mtp_modules=2), seed=4)
+    ids = _ids(2, PROMPT)
+    with torch.no_grad():
+        out = model(ids)
+        assert out.mtp_per_depth_logits is not None and len(out.mtp_per_depth_logits) == 2
+        nxt = shift_left(ids)
+        pos = torch.arange(PROMPT).expand(2, -1)
+        cut = PROMPT - 5
+        a, past = model.model.mtp_step(
+            out.hidden_states[:, :cut],
+            nxt[:, :cut],
+            model.lm_head,
+            pos[:, :cut],
+            lookahead_ids=nxt[:, cut : cut + 1],
+        )
+        b, _ = model.model.mtp_step(
+            out.hidden_states[:, cut:], nxt[:, cut:], model.lm_head, pos[:, cut:], past
+        )
+    for d in range(2):
+        err = (torch.cat([a[d], b[d]], dim=1) - out.mtp_per_depth_logits[d]).abs().max().item()
+        assert err <= 1e-5, (d, err)

@@ -86,7 +86,8 @@ def make_mtp_agree(model: nn.Module) -> None:
     from m3export.model.attention import M3Attention
     from m3export.model.mtp import MTPDepth
 
-    text = getattr(model, "language_model", model).model
+    text = getattr(model, "language_model", model).get_submodule("model")
+    main_norm = text.get_parameter("norm.weight")
     for mod in text.modules():
         if isinstance(mod, M3Attention):
             mod.o_proj.weight.zero_()
@@ -99,4 +100,4 @@ def make_mtp_agree(model: nn.Module) -> None:
             mod.eh_proj.weight.zero_()
             mod.eh_proj.weight[:, :h] = torch.eye(h)
             mod.enorm.weight.zero_()
-            mod.final_layernorm.weight.copy_(text.norm.weight)
+            mod.final_layernorm.weight.copy_(main_norm)

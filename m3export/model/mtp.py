@@ -56,20 +56,19 @@ def shift_left(ids: Tensor) -> Tensor:
 def mtp_forward(
     mtp: MTP,
     hidden: Tensor,
-    next_ids: Tensor,
+    ids: Tensor,
     embed: nn.Module,
     lm_head: nn.Module,
     run_layer: LayerFn,
 ) -> list[Tensor]:
     """Per-depth logits [B, S, V] (§3.2) from the main model's post-norm hidden [B, S, H].
 
-    `next_ids` are depth 0's ids (input_ids shifted left by one); depth d shifts them d more.
+    `ids` [B, S + D - 1] are input_ids shifted left by one, extended by the D - 1 tokens after the
+    sequence (0 in training): depth d embeds ids[:, d : d + S], i.e. input_ids shifted by d + 1.
     """
     logits: list[Tensor] = []
-    ids, h = next_ids, hidden
+    h, seq = hidden, hidden.shape[1]
     for d, depth in enumerate(mtp.layers):
-        if d:
-            ids = shift_left(ids)  # cumulative: depth d sees input_ids shifted by d+1
-        h = depth(embed(ids), h, lambda layer, x, d=d: run_layer(d, layer, x))
+        h = depth(embed(ids[:, d : d + seq]), h, lambda layer, x, d=d: run_layer(d, layer, x))
         logits.append(lm_head(h))
     return logits

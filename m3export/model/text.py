@@ -155,10 +155,17 @@ class M3TextModel(nn.Module):
         lm_head: nn.Module,
         position_ids: Tensor,
         past: list[KVCache] | None = None,
+        lookahead_ids: Tensor | None = None,
     ) -> tuple[list[Tensor], list[KVCache]]:
         """MTP with a cache (§3.4): position i combines h_i with the embedding of `next_ids[:, i]` (the
-        token after position i). Returns per-depth logits and each depth's cache (past + these)."""
-        past_list: list[KVCache | None] = list(past) if past is not None else [None] * len(self.mtp.layers)
+        token after position i); depth d reads the ids d further on, taking the last d from
+        `lookahead_ids` [B, D-1] (the tokens after this chunk; zeros when unknown, as in training).
+        Returns per-depth logits and each depth's cache (past + these positions)."""
+        depths = len(self.mtp.layers)
+        past_list: list[KVCache | None] = list(past) if past is not None else [None] * depths
+        if lookahead_ids is None:
+            lookahead_ids = next_ids.new_zeros(next_ids.shape[0], depths - 1)
+        ids = torch.cat((next_ids, lookahead_ids), dim=1)
         cos, sin, causal = self.layer_inputs(position_ids, cache_len(past_list[0]))
         presents: list[KVCache] = []
 
@@ -167,7 +174,7 @@ class M3TextModel(nn.Module):
             presents.append(present)
             return out
 
-        return mtp_forward(self.mtp, hidden_states, next_ids, self.embed_tokens, lm_head, run_layer), presents
+        return mtp_forward(self.mtp, hidden_states, ids, self.embed_tokens, lm_head, run_layer), presents
 
 
 class M3ForCausalLM(nn.Module):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 _BUILTIN: dict[str, str] = {
     "ort": "m3export.ops.lowering_ort:ORT_LOWERING",
     "portable": "m3export.ops.lowering_portable:PORTABLE_LOWERING",
+    "trt": "m3export.ops.lowering_trt:TRT_LOWERING",
 }
 _REGISTERED: dict[str, MoELowering] = {}
 

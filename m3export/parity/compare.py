@@ -45,14 +45,30 @@ class ParityReport:
     tolerance: dict[str, Any]
     outputs: tuple[OutputParity, ...] = field(default_factory=tuple)
     error: str | None = None
+    skipped: str | None = None  # why the check could not run here (e.g. a backend is not installed)
+    # On a failure: where the error first exceeds the tolerance (`summary`, `first_divergent_layer`)
+    # and the per-layer errors (`layers`), from m3export.parity.intermediates.
+    localisation: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> Literal["pass", "fail", "skip"]:
+        """A skipped check is neither passed nor failed: it never counts as evidence."""
+        if self.skipped is not None:
+            return "skip"
+        return "pass" if self.error is None and all(o.passed for o in self.outputs) else "fail"
 
     @property
     def passed(self) -> bool:
-        return self.error is None and all(o.passed for o in self.outputs)
+        return self.status == "pass"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["passed"] = self.passed
+        d["status"] = self.status
         return d
 
     def failures(self) -> list[str]:

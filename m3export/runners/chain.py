@@ -54,6 +54,16 @@ def shift_left(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
 
 
+def _lookahead(plans: Sequence[SubgraphPlan]) -> int:
+    """D - 1: how many tokens past a chunk the MTP subgraph's deeper depths read (0 without MTP)."""
+    for plan in plans:
+        for sig in plan.inputs:
+            if sig.name == "mtp_lookahead_ids":
+                assert isinstance(sig.dims[1], int)
+                return sig.dims[1]
+    return 0
+
+
 def run_chain(
     plans: Sequence[SubgraphPlan],
     inputs: dict[str, np.ndarray],
@@ -70,6 +80,7 @@ def run_chain(
     values = dict(inputs)
     values.update(cache if cache is not None else empty_cache(plans, ids.shape[0]))
     values.setdefault("mtp_input_ids", shift_left(ids))
+    values.setdefault("mtp_lookahead_ids", np.zeros((ids.shape[0], _lookahead(plans)), np.int64))
     feeds: dict[str, dict[str, np.ndarray]] = {}
     for plan in plans:
         if plan.kind == "vision" and "pixel_values" not in values:
@@ -102,6 +113,8 @@ def run_chunks(
     edges = [0, *bounds, seq]
     assert all(a < b for a, b in itertools.pairwise(edges)), edges
     next_ids = inputs.get("mtp_input_ids", shift_left(ids))
+    ahead = _lookahead(plans)
+    padded = np.concatenate([next_ids, np.zeros((ids.shape[0], ahead), np.int64)], axis=1)
     per_seq = {"input_ids", "position_ids"}
     cache: Cache | None = None
     parts: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
@@ -109,6 +122,7 @@ def run_chunks(
     for i, (a, b) in enumerate(itertools.pairwise(edges)):
         chunk = {k: v[:, a:b] for k, v in inputs.items() if k in per_seq}
         chunk["mtp_input_ids"] = next_ids[:, a:b]
+        chunk["mtp_lookahead_ids"] = padded[:, b : b + ahead]  # deeper MTP depths read past the chunk
         if i == 0:
             chunk.update({k: v for k, v in inputs.items() if k not in per_seq and k != "mtp_input_ids"})
         result = run_chain(plans, chunk, run, cache, hidden_size=hidden_size)

@@ -241,6 +241,9 @@ class TolerancesSpec(_Strict):
     onnx: Tolerance | None = Field(None, description="each subgraph: eager vs ONNX Runtime")
     end_to_end: Tolerance | None = Field(None, description="chained ONNX subgraphs vs full eager model")
     decode: Tolerance | None = Field(None, description="KV-cache decode vs full recompute")
+    generate: Tolerance | None = Field(
+        None, description="greedy token ids: ORT vs eager torch vs transformers, MTP speculative vs plain"
+    )
 
 
 class PipelineSpec(_Strict):
@@ -252,10 +255,79 @@ class PipelineSpec(_Strict):
     )
 
 
+class TrtRange(_Strict):
+    """min <= opt <= max of one dynamic dimension in a TensorRT optimisation profile."""
+
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> TrtRange:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"need min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}")
+        return self
+
+
+class TrtProfilesSpec(_Strict):
+    """Shape ranges of the dynamic dims, one optimisation profile per engine. `patches` of the vision
+    engine follow image_tokens (x spatial_merge_size**2)."""
+
+    batch: TrtRange = TrtRange(min=1, opt=1, max=4)
+    seq: TrtRange = TrtRange(min=1, opt=64, max=512)
+    past_seq: TrtRange = TrtRange(min=0, opt=64, max=512)
+    image_tokens: TrtRange = TrtRange(min=0, opt=16, max=256)
+
+    @model_validator(mode="after")
+    def _positive(self) -> TrtProfilesSpec:
+        for name in ("batch", "seq"):
+            if getattr(self, name).min < 1:
+                raise ValueError(f"export.trt.profiles.{name}.min must be >= 1")
+        return self
+
+
+class TrtTolerancesSpec(_Strict):
+    """GPU-only checks; an absent tolerance means that check is not run (as for `tolerances`)."""
+
+    plugin: dict[Literal["fp32", "fp16", "bf16"], Tolerance] = Field(
+        default_factory=dict, description="plugin vs eager m3::moe, per plugin I/O precision"
+    )
+    engine: Tolerance | None = Field(None, description="each engine vs its eager subgraph")
+
+
+class TrtSpec(_Strict):
+    """TensorRT engines (`targets: [onnx, trt]`). TensorRT 11 networks are strongly typed: the engine
+    computes in the ONNX graph's dtypes, so `precision` must be the spec dtype's (None: follow it)."""
+
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    profiles: TrtProfilesSpec = TrtProfilesSpec()
+    timing_cache: Path | None = Field(None, description="read and updated when given; else one per build")
+    builder_optimization_level: int = Field(3, ge=0, le=5)
+    workspace_gib: float | None = Field(None, gt=0)
+    tf32: bool = Field(False, description="let fp32 GEMMs use TF32 (faster, ~1e-3 relative error)")
+    tolerances: TrtTolerancesSpec = TrtTolerancesSpec()
+
+
 class ExportSpec(_Strict):
     targets: list[Literal["onnx", "trt"]] = ["onnx"]
-    moe: Literal["ort", "portable"] = "ort"
+    moe: Literal["ort", "portable"] = Field("ort", description="MoE lowering of the ONNX Runtime graphs")
     opset: int = Field(23, ge=18, le=23)
+    trt: TrtSpec | None = Field(None, description="TensorRT settings; defaults when 'trt' is a target")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trt_defaults(cls, data: object) -> object:
+        if isinstance(data, dict) and "trt" in (data.get("targets") or ()) and data.get("trt") is None:
+            data = {**data, "trt": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _trt_target(self) -> ExportSpec:
+        if self.trt is not None and "trt" not in self.targets:
+            raise ValueError(
+                "export.trt is given but 'trt' is not in export.targets; add it or drop export.trt"
+            )
+        return self
 
 
 class M3Spec(_Strict):

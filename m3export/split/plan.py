@@ -175,6 +175,8 @@ def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
             TensorSig("mtp_input_ids", "int64", ("batch", "seq")),
             pos,
         ]
+        if t.num_mtp_modules > 1:  # depth d >= 1 reads d tokens past the chunk (zeros when unknown)
+            mtp_in.append(TensorSig("mtp_lookahead_ids", "int64", ("batch", t.num_mtp_modules - 1)))
         mtp_out = [
             TensorSig(f"mtp_logits.{d}", act, ("batch", "seq", t.vocab_size))
             for d in range(t.num_mtp_modules)

@@ -116,6 +116,7 @@ class MTPStage(_NamedInputs):
             self.lm.lm_head,
             inputs["position_ids"],
             past,
+            inputs.get("mtp_lookahead_ids"),
         )
         return (*logits, *(t for d, c in enumerate(presents) for t in _present(f"mtp.{d}", c)))
 

@@ -1,0 +1,82 @@
+"""Content keys for incremental builds: a subgraph's ONNX file is reused only when its key matches.
+
+A key hashes everything the exported graph depends on: the subgraph's plan (modules, layers, named
+I/O), the slice of the spec that shapes it, the bytes of every weight it owns or uses, the MoE lowering,
+the trace shapes, the versions of torch / onnx / onnxscript / onnxruntime and the m3export source
+itself. Nothing is reused because a file exists: the previous build must also pass `check`'s integrity
+verification (m3export.integrity), so a damaged or edited artifact is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from m3export.spec import M3Spec
+from m3export.split.plan import SubgraphPlan
+
+
+@cache
+def source_digest() -> str:
+    """sha256 over the m3export package's Python sources (a code change invalidates every key)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def weights_digest(model: nn.Module, prefixes: list[str]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every parameter and buffer under `prefixes`."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not any(name == p or name.startswith(p + ".") for p in prefixes):
+            continue
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        flat = t.detach().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def spec_slice(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Any]:
+    """The parts of the spec the exported graph of `plan` depends on (beyond its plan)."""
+    data = spec.model_dump(mode="json")
+    out: dict[str, Any] = {"dtype": data["dtype"], "export": {k: data["export"][k] for k in ("moe", "opset")}}
+    if plan.kind == "vision":
+        out |= {"vision": data["vision"], "multimodal": data["multimodal"]}
+        return out
+    text = dict(data["text"])
+    if plan.kind == "text":  # a text stage only sees whether MTP exists (its extra output), via the plan
+        text.pop("num_mtp_modules")
+        out["multimodal"] = data["multimodal"]
+    out["text"] = text
+    return out
+
+
+def subgraph_key(
+    spec: M3Spec,
+    plan: SubgraphPlan,
+    model: nn.Module,
+    lowering: str,
+    trace: dict[str, Any],
+    tools: dict[str, str],
+) -> str:
+    """The content key of one subgraph's exported files."""
+    owned = [*plan.modules, *(module for module, _ in plan.shared_uses)]
+    doc = {
+        "plan": plan.to_json(),
+        "spec": spec_slice(spec, plan),
+        "weights": weights_digest(model, owned),
+        "lowering": lowering,
+        "trace": trace,
+        "tools": tools,
+        "source": source_digest(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,84 @@
+"""transformers' MiniMax M3 as an independent oracle for greedy generation (export-notes §2).
+
+transformers is an optional dependency (the `dev` extra); callers treat ImportError as "skipped".
+The oracle loads the same weights from disk: the spec's checkpoint, or the random-weights model saved
+in the HF layout (§6.1). transformers has no MTP, so only the main model is compared.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from m3export.spec import M3Spec
+
+
+def register_text_only_conversion() -> None:
+    """transformers registers the §6.1 key conversion for the VL model type only: give the text-only
+    class the same renames and merges minus the VL prefix moves (the patterns anchored at `^`)."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    vl = get_checkpoint_conversion_mapping("minimax_m3_vl")
+    text = [t for t in vl if not any(p.startswith("^") for p in t.source_patterns)]
+    register_checkpoint_conversion_mapping("MiniMaxM3VLForCausalLM", text, overwrite=True)
+
+
+def hf_greedy(
+    spec: M3Spec, model: nn.Module, prompts: Sequence[dict[str, np.ndarray]], max_new_tokens: int
+) -> list[list[int]]:
+    """Tokens of transformers' `generate(use_cache=True, do_sample=False)` for each batch-1 prompt
+    (input_ids, optional pixel_values / image_grid_thw), stopping at the spec's EOS like ours."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if not spec.is_vl:
+        register_text_only_conversion()
+    cls = (
+        transformers.MiniMaxM3SparseForConditionalGeneration
+        if spec.is_vl
+        else transformers.MiniMaxM3VLForCausalLM
+    )
+    with tempfile.TemporaryDirectory(prefix="m3export-hf-") as tmp:
+        if spec.weights.checkpoint is not None:
+            path = Path(spec.weights.checkpoint)
+        else:
+            from m3export.model.checkpoint import save_checkpoint
+
+            path = save_checkpoint(model, spec, tmp)
+        hf, info = cls.from_pretrained(  # type: ignore[misc]
+            path, attn_implementation="eager", dtype=getattr(torch, spec.dtype), output_loading_info=True
+        )
+        if info["missing_keys"] or info["mismatched_keys"]:  # a partly random oracle proves nothing
+            raise RuntimeError(f"transformers did not load every weight: {info}")
+        hf = hf.eval()
+    out: list[list[int]] = []
+    for prompt in prompts:
+        ids = torch.from_numpy(prompt["input_ids"])
+        kwargs = {}
+        if "pixel_values" in prompt:
+            kwargs = {
+                "pixel_values": torch.from_numpy(prompt["pixel_values"]),
+                "image_grid_thw": torch.from_numpy(prompt["image_grid_thw"]),
+            }
+        with torch.no_grad():
+            seq = hf.generate(
+                ids,
+                **kwargs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                eos_token_id=spec.text.eos_token_id,
+                pad_token_id=0,
+            )
+        out.append(seq[0, ids.shape[1] :].tolist())
+    return out
