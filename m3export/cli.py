@@ -25,6 +25,20 @@ model_app = typer.Typer(help="Run the eager PyTorch model a spec describes.", no
 app.add_typer(model_app, name="model")
 
 
+# Options shared by `run` and `generate`.
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="ort: the ONNX subgraphs; torch: the eager stage wrappers; trt: the TensorRT engines (GPU)",
+    ),
+]
+ImageOption = Annotated[
+    list[Path] | None,
+    typer.Option("--image", metavar="FILE", help="image file; repeat for several, in prompt order"),
+]
+
+
 def _echo_err(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -167,17 +181,8 @@ def run_cmd(
             "(expanded to the image's feature tokens, as in `model forward`)",
         ),
     ],
-    backend: Annotated[
-        str,
-        typer.Option(
-            "--backend",
-            help="ort: the ONNX subgraphs; torch: the eager stage wrappers; trt: the TensorRT engines (GPU)",
-        ),
-    ] = "ort",
-    image: Annotated[
-        list[Path] | None,
-        typer.Option("--image", metavar="FILE", help="image file; repeat for several, in prompt order"),
-    ] = None,
+    backend: BackendOption = "ort",
+    image: ImageOption = None,
     logits_out: Annotated[
         Path | None,
         typer.Option("--logits-out", metavar="FILE.npy", help="write the logits [1, S, V] float32 here"),
@@ -243,17 +248,8 @@ def generate_cmd(
         ),
     ],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="stop after this many tokens")] = 32,
-    backend: Annotated[
-        str,
-        typer.Option(
-            "--backend",
-            help="ort: the ONNX subgraphs; torch: the eager stage wrappers; trt: the TensorRT engines (GPU)",
-        ),
-    ] = "ort",
-    image: Annotated[
-        list[Path] | None,
-        typer.Option("--image", metavar="FILE", help="image file; repeat for several, in prompt order"),
-    ] = None,
+    backend: BackendOption = "ort",
+    image: ImageOption = None,
     mtp: Annotated[
         bool,
         typer.Option(

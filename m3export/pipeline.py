@@ -441,14 +441,13 @@ def _trt_target(
         return {k.split("/", 1)[1]: v for k, v in golden[kind].items() if k.startswith(case + "/")}
 
     pairs = {c: (case_values("inputs", c), case_values("outputs", c)) for c in cases}
-    axes = {s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)} for s in plan.inputs}
     return build_trt_targets(
         spec,
         plan,
         stage,
         sub_dir,
         _trace_inputs(spec, plan),
-        axes,
+        plan.dynamic_axes,
         pairs,
         ort_onnx=onnx_path if onnx_path.is_file() else None,
         timing_cache=staging / "trt_timing.cache",
@@ -566,21 +565,15 @@ def _export_subgraph(
     export_onnx: Callable[..., Any], stage: nn.Module, plan: SubgraphPlan, spec: M3Spec, moe: Any, path: Path
 ) -> Any:
     """Export one wrapper at the trace shapes with the plan's symbolic dims as dynamic axes."""
-    import torch.fx.experimental._config as fx_config
-
-    trace = _trace_inputs(spec, plan)
-    dynamic_axes = {s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)} for s in plan.inputs}
-    # Text stages: size-oblivious reasoning keeps batch/seq symbolic through the MSA block logic.
-    with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-        return export_onnx(
-            stage,
-            trace,
-            path,
-            output_names=plan.output_names,
-            dynamic_axes=dynamic_axes,
-            opset=spec.export.opset,
-            lowering=moe,
-        )
+    return export_onnx(
+        stage,
+        _trace_inputs(spec, plan),
+        path,
+        output_names=plan.output_names,
+        dynamic_axes=plan.dynamic_axes,
+        opset=spec.export.opset,
+        lowering=moe,
+    )
 
 
 def _trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:

@@ -76,7 +76,11 @@ def export_onnx(
     if unknown:
         raise ValueError(f"dynamic_axes names unknown inputs {sorted(unknown)}; inputs: {list(inputs)}")
 
-    with torch.no_grad(), warnings.catch_warnings():
+    import torch.fx.experimental._config as fx_config
+
+    # Size-oblivious reasoning keeps batch/seq symbolic through the MSA block logic (the exporter
+    # would otherwise specialise them on guards such as "num_blocks >= 1").
+    with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
         # Emitted once per input that shares a named dim with another; the names are applied anyway.
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape")
         program = torch.onnx.export(

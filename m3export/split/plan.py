@@ -49,6 +49,11 @@ class SubgraphPlan:
         return tuple(t for t in self.inputs if t.name.startswith("past."))
 
     @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """input name -> {axis: symbolic dim name}, as `export_onnx` takes them."""
+        return {s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)} for s in self.inputs}
+
+    @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 

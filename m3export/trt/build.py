@@ -63,22 +63,18 @@ def _export_trt_onnx(
     axes: Mapping[str, Mapping[int, str]],
     path: Path,
 ) -> Any:
-    import torch.fx.experimental._config as fx_config
-
     from m3export.export.onnx_export import export_onnx
     from m3export.ops.lowering import get_lowering
 
-    # As the ORT export: size-oblivious reasoning keeps batch/seq symbolic through the MSA logic.
-    with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-        return export_onnx(
-            stage,
-            trace,
-            path,
-            output_names=plan.output_names,
-            dynamic_axes=axes,
-            opset=spec.export.opset,
-            lowering=get_lowering("trt"),
-        )
+    return export_onnx(
+        stage,
+        trace,
+        path,
+        output_names=plan.output_names,
+        dynamic_axes=axes,
+        opset=spec.export.opset,
+        lowering=get_lowering("trt"),
+    )
 
 
 def _graph_steps(res: TrtResult, path: Path, ort_onnx: Path | None) -> None:
