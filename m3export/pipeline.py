@@ -62,6 +62,7 @@ DECODE_STEPS = 3
 STEP_LETTER = {"split": "a", "onnx": "b", "routing": "b", "end_to_end": "c", "decode": "d", "generate": "e"}
 GENERATE_TOKENS = 16  # step e: new tokens per prompt (decode queries reach past 2 x top-k blocks)
 TRACE_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 4), (1, 4, 8))  # 48 patches, 12 image tokens
+TRACE_VIDEO = (2, 4, 4)  # 8 video tokens in row 0 after its 4 image tokens
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,12 @@ class GoldenCase:
     batch: int
     seq: int
     grids: tuple[tuple[int, int, int], ...] = ()
+    video: tuple[int, int, int] | None = None  # one video's grid_thw, in row 0 after its images
 
 
 def golden_cases(spec: M3Spec) -> list[GoldenCase]:
     """Seq 12 (MSA == dense) and seq 40 (MSA drops blocks with block 8 / top-2), batch 1 and 2,
-    0 / 1 / 2 images for a VL spec."""
+    0 / 1 / 2 images and a video for a VL spec."""
     if not spec.is_vl:
         return [GoldenCase("b1_s12", 1, 12), GoldenCase("b2_s40", 2, 40), GoldenCase("b2_s12", 2, 12)]
     return [
@@ -84,6 +86,8 @@ def golden_cases(spec: M3Spec) -> list[GoldenCase]:
         GoldenCase("b2_s12_img1", 2, 12, ((1, 2, 4),)),
         GoldenCase("b1_s40_img1", 1, 40, ((1, 4, 6),)),
         GoldenCase("b2_s40_img2", 2, 40, ((1, 4, 4), (1, 6, 4))),
+        # 5 temporal patches: two attention segments of <= 4 (§4.6), 20 video tokens.
+        GoldenCase("b2_s40_img1_vid1", 2, 40, ((1, 2, 4),), video=(5, 4, 4)),
     ]
 
 
@@ -155,6 +159,20 @@ def _case_inputs(spec: M3Spec, case: GoldenCase, seed: int) -> dict[str, Tensor]
         out["vision_cos"], out["vision_sin"] = vi.rope_cos, vi.rope_sin
         out["vision_segment_ids"] = vi.segment_ids
         out["image_grid_thw"] = torch.tensor([list(r) for r in vi.grid_thw])
+        if case.video is not None:
+            vv = build_vision_inputs([case.video], spec.vision)
+            n = vv.num_tokens[0]
+            if cursor[0] + n > case.seq:
+                raise InputError(
+                    f"golden case {case.name}: the video ({n} tokens) does not fit seq {case.seq}"
+                )
+            ids[0, cursor[0] : cursor[0] + n] = spec.multimodal.video_token_index
+            out["pixel_values_videos"] = torch.randn(vv.num_patches, spec.vision.patch_dim, generator=g).to(
+                getattr(torch, spec.dtype)
+            )
+            out["video_cos"], out["video_sin"] = vv.rope_cos, vv.rope_sin
+            out["video_segment_ids"] = vv.segment_ids
+            out["video_grid_thw"] = torch.tensor([list(case.video)])
     out["input_ids"] = ids
     out["position_ids"] = torch.arange(case.seq)[None, :].expand(case.batch, case.seq).contiguous()
     return out
@@ -169,6 +187,8 @@ def _full_eager(model: nn.Module, spec: M3Spec, inp: dict[str, Tensor]) -> dict[
                 inp.get("pixel_values"),
                 inp.get("image_grid_thw"),
                 inp["position_ids"],
+                pixel_values_videos=inp.get("pixel_values_videos"),
+                video_grid_thw=inp.get("video_grid_thw"),
             )
         else:
             out = model(inp["input_ids"], position_ids=inp["position_ids"])
@@ -223,7 +243,6 @@ def build(
     moe_name = spec.export.moe
     moe = get_lowering(moe_name)
     tols = spec.tolerances
-    image_token = spec.multimodal.image_token_index if spec.multimodal else None
 
     say(f"load model {spec.name} ({'checkpoint' if spec.weights.checkpoint else 'random'} weights)")
     model = load_model(spec)
@@ -239,7 +258,7 @@ def build(
     if prev is not None and _up_to_date(prev, spec, keys):
         say(f"up to date: {out} holds a passing build of every selected subgraph with the same keys")
         return BuildResult(out, True, [], prev, time.perf_counter() - start, up_to_date=True)
-    stages = {p.name: build_stage(model, p, image_token) for p in plans}
+    stages = {p.name: build_stage(model, p) for p in plans}
     torch_runners = {
         p.name: TorchRunner(stages[p.name], p.input_names, p.output_names, f"torch:{p.name}") for p in plans
     }
@@ -267,6 +286,8 @@ def build(
     feeds_by_case: list[tuple[str, dict[str, dict[str, np.ndarray]]]] = []
     for c in cases:
         feeds_by_case += [(c.name, eager[c.name].feeds), (f"{c.name}.decode", eager_decode[c.name][1])]
+        if "vision:video" in eager[c.name].feeds:  # the vision subgraph on the case's video
+            feeds_by_case.append((f"{c.name}.video", {"vision": eager[c.name].feeds["vision:video"]}))
 
     results = {p.name: SubgraphResult(p) for p in selected}
     global_reports: list[ParityReport] = []
@@ -385,7 +406,13 @@ def build(
         "only": list(only) if only else None,
         "trace_shapes": _trace_json(),
         "golden_cases": [
-            {"name": c.name, "batch": c.batch, "seq": c.seq, "grids": [list(g) for g in c.grids]}
+            {
+                "name": c.name,
+                "batch": c.batch,
+                "seq": c.seq,
+                "grids": [list(g) for g in c.grids],
+                "video": list(c.video) if c.video else None,
+            }
             for c in cases
         ],
         "subgraphs": {
@@ -418,6 +445,7 @@ def _trace_json() -> dict[str, Any]:
         "seq": TRACE_SEQ,
         "past_seq": TRACE_PAST,
         "grids": [list(g) for g in TRACE_GRIDS],
+        "video": list(TRACE_VIDEO),
     }
 
 
@@ -579,7 +607,7 @@ def _export_subgraph(
 def _trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
     """Random inputs at the trace shapes, named and typed as the plan's inputs."""
     g = torch.Generator().manual_seed(7)
-    case = GoldenCase("trace", TRACE_BATCH, TRACE_SEQ, TRACE_GRIDS if spec.is_vl else ())
+    case = GoldenCase("trace", TRACE_BATCH, TRACE_SEQ, TRACE_GRIDS if spec.is_vl else (), TRACE_VIDEO)
     base = _case_inputs(spec, case, seed=7)
     act = getattr(torch, spec.dtype)
     n_img = (
@@ -588,6 +616,11 @@ def _trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
     h = spec.text.hidden_size
     extra = {
         "image_features": torch.randn(n_img, h, generator=g).to(act),
+        "video_features": torch.randn(
+            int((base["input_ids"] == (spec.multimodal.video_token_index if spec.multimodal else -1)).sum()),
+            h,
+            generator=g,
+        ).to(act),
         "hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
         "final_hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
         "mtp_input_ids": base["input_ids"],

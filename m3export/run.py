@@ -136,11 +136,8 @@ def make_runners(arts: Artifacts, backend: str) -> dict[str, Any]:
 
         spec = arts.spec
         model = load_model(spec).eval()
-        image_token = spec.multimodal.image_token_index if spec.multimodal else None
         return {
-            p.name: TorchRunner(
-                build_stage(model, p, image_token), p.input_names, p.output_names, f"torch:{p.name}"
-            )
+            p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names, f"torch:{p.name}")
             for p in arts.plans
         }
     raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -45,6 +45,8 @@ def test_build_ort_passes_and_writes_a_manifest(
         assert {"b2_s40_img2", "b2_s12_img1"} <= cases  # seq 40 drops MSA blocks; batch 2; images
         if sub["kind"] != "vision":  # one-token decode steps after 39 cached positions
             assert {"b2_s40_img2.decode", "b1_s40_img1.decode"} <= cases
+        else:  # the vision subgraph also runs on a video (5 temporal patches: 2 attention segments)
+            assert "b2_s40_img1_vid1.video" in cases
         moe = sub["node_counts"].get("com.microsoft::MoE", 0)
         if sub["kind"] == "text":
             assert moe == _moe_layers(tiny_spec, sub["layers"]) > 0, name
@@ -54,6 +56,8 @@ def test_build_ort_passes_and_writes_a_manifest(
             assert moe == 0
     steps = {r["step"] for r in manifest["parity"]}
     assert steps == {"split", "end_to_end", "decode", "generate"}
+    e2e = {r["case"] for r in manifest["parity"] if r["step"] == "end_to_end"}
+    assert "b2_s40_img1_vid1" in e2e  # image + video spliced into stage 0, chained through ORT
     decode = {r["case"] for r in manifest["parity"] if r["step"] == "decode"}
     assert {"b2_s40_img2:ort", "b2_s40_img2:torch"} <= decode
     split = [o for r in manifest["parity"] if r["step"] == "split" for o in r["outputs"]]

@@ -22,7 +22,7 @@ def test_tiny_plan() -> None:
     assert t0.modules[0] == "language_model.model.embed_tokens"
     # Layer 0 is full attention (key/value cache), layers 1-3 MSA (plus the index-key cache, §2.3).
     cache0 = ["past.0.key", "past.0.value", "past.1.key", "past.1.value", "past.1.index_key"]
-    assert t0.input_names == ["input_ids", "image_features", "position_ids", *cache0]
+    assert t0.input_names == ["input_ids", "image_features", "video_features", "position_ids", *cache0]
     assert t0.output_names == ["hidden_states", *(n.replace("past", "present") for n in cache0)]
     cache1 = [
         "past.2.key",

@@ -64,6 +64,24 @@ def _lookahead(plans: Sequence[SubgraphPlan]) -> int:
     return 0
 
 
+VIDEO_INPUTS = {  # vision subgraph input -> the prompt's video input of the same role
+    "pixel_values": "pixel_values_videos",
+    "vision_cos": "video_cos",
+    "vision_sin": "video_sin",
+    "vision_segment_ids": "video_segment_ids",
+}
+
+
+def _vision_feeds(values: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The vision subgraph's feed for the prompt's images and for its videos, where present."""
+    feeds = {}
+    if "pixel_values" in values:
+        feeds["image"] = {n: values[n] for n in VIDEO_INPUTS}
+    if "pixel_values_videos" in values:
+        feeds["video"] = {n: values[v] for n, v in VIDEO_INPUTS.items()}
+    return feeds
+
+
 def run_chain(
     plans: Sequence[SubgraphPlan],
     inputs: dict[str, np.ndarray],
@@ -73,8 +91,9 @@ def run_chain(
     hidden_size: int,
 ) -> ChainResult:
     """Run `plans` in order on `inputs` (input_ids, position_ids, vision inputs, optional
-    mtp_input_ids). Without a cache the chain starts from past_seq 0. Without `pixel_values` the vision
-    subgraph is skipped and stage 0 gets image_features [0, H]. Without `mtp_input_ids`, MTP gets
+    mtp_input_ids). Without a cache the chain starts from past_seq 0. The vision subgraph runs on the
+    images (`pixel_values`, ...) and on the videos (`pixel_values_videos`, `video_cos`, ...) when
+    given; stage 0 gets [0, H] features for what is absent. Without `mtp_input_ids`, MTP gets
     shift_left(input_ids) (a prompt forward, training semantics)."""
     ids = inputs["input_ids"]
     values = dict(inputs)
@@ -83,8 +102,13 @@ def run_chain(
     values.setdefault("mtp_lookahead_ids", np.zeros((ids.shape[0], _lookahead(plans)), np.int64))
     feeds: dict[str, dict[str, np.ndarray]] = {}
     for plan in plans:
-        if plan.kind == "vision" and "pixel_values" not in values:
-            values["image_features"] = np.zeros((0, hidden_size), np.float32)
+        if plan.kind == "vision":  # once for the images, once for the videos (§4.6)
+            for media, feed in _vision_feeds(values).items():
+                name = plan.name if media == "image" else f"{plan.name}:{media}"
+                feeds[name] = feed
+                values[f"{media}_features"] = run(plan, feed)["image_features"]
+            for media in ("image", "video"):
+                values.setdefault(f"{media}_features", np.zeros((0, hidden_size), np.float32))
             continue
         feed = {n: values[n] for n in plan.input_names}
         feeds[plan.name] = feed

@@ -147,6 +147,8 @@ def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
             inputs.append(ids)
             if spec.is_vl:
                 inputs.append(TensorSig("image_features", act, ("image_tokens", hidden)))
+                # The vision subgraph run on the prompt's videos (§4.6), spliced at video placeholders.
+                inputs.append(TensorSig("video_features", act, ("video_tokens", hidden)))
         else:
             inputs.append(hs)
         inputs.append(pos)

@@ -18,7 +18,8 @@ from m3export.split.plan import SubgraphPlan
 
 
 class VisionStage(nn.Module):
-    """(pixel_values, vision_cos, vision_sin, vision_segment_ids) -> image_features (§4.5)."""
+    """(pixel_values, vision_cos, vision_sin, vision_segment_ids) -> image_features (§4.5); run once
+    for the images and once for the videos of a prompt (its output then feeds `video_features`)."""
 
     def __init__(self, vl: Any, plan: SubgraphPlan) -> None:  # M3ForConditionalGeneration
         super().__init__()
@@ -60,14 +61,19 @@ class TextStage(_NamedInputs):
     """Text layers [start, end) with their KV caches; stage 0 adds embedding + splice, the last adds
     norm + lm_head. One graph serves prefill (past_seq 0) and decode."""
 
-    def __init__(self, lm: M3ForCausalLM, plan: SubgraphPlan, image_token_index: int | None) -> None:
+    def __init__(self, lm: M3ForCausalLM, plan: SubgraphPlan, multimodal: Any = None) -> None:
         super().__init__()
         self.plan = plan
         text = lm.model
         self.first = "input_ids" in plan.input_names
         self.last = "logits" in plan.output_names
         self.emit_final_hidden = "final_hidden_states" in plan.output_names
-        self.image_token_index = image_token_index if "image_features" in plan.input_names else None
+        # (input name, placeholder id) of the vision features stage 0 splices in (§4.5).
+        self.splices = [
+            (name, getattr(multimodal, f"{media}_token_index"))
+            for media in ("image", "video")
+            if (name := f"{media}_features") in plan.input_names
+        ]
         self.embed_tokens = text.embed_tokens if self.first else None
         self.layers = nn.ModuleDict({str(i): text.layers[str(i)] for i in plan.layers})
         self.norm = text.norm if self.last else None
@@ -80,8 +86,8 @@ class TextStage(_NamedInputs):
             assert self.embed_tokens is not None
             input_ids = inputs["input_ids"]
             x = self.embed_tokens(input_ids)
-            if self.image_token_index is not None:
-                x = splice_features(x, input_ids, inputs["image_features"], self.image_token_index)
+            for name, token_id in self.splices:
+                x = splice_features(x, input_ids, inputs[name], token_id)
         else:
             x = inputs["hidden_states"]
         caches = {name: _cache(inputs, name) for name in self.layers}
@@ -121,11 +127,11 @@ class MTPStage(_NamedInputs):
         return (*logits, *(t for d, c in enumerate(presents) for t in _present(f"mtp.{d}", c)))
 
 
-def build_stage(model: nn.Module, plan: SubgraphPlan, image_token_index: int | None = None) -> nn.Module:
+def build_stage(model: nn.Module, plan: SubgraphPlan) -> nn.Module:
     """The wrapper module of one planned subgraph; `model` is the full eager model (VL or text-only)."""
     lm: Any = getattr(model, "language_model", model)
     if plan.kind == "vision":
         return VisionStage(model, plan).eval()
     if plan.kind == "text":
-        return TextStage(lm, plan, image_token_index).eval()
+        return TextStage(lm, plan, getattr(model, "multimodal", None)).eval()
     return MTPStage(lm, plan).eval()
