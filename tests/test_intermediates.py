@@ -23,7 +23,6 @@ from m3export.ops.lowering import get_lowering
 from m3export.ops.moe import route
 from m3export.parity.intermediates import (
     ExposedGraph,
-    IntermediatesRunner,
     capture_intermediates,
     compare_intermediates,
     describe_divergence,
@@ -200,7 +199,7 @@ def test_planted_onnx_weight_bug_is_localised(
     feed = _feed(tiny_text_spec, plan)
     exposed = expose_intermediates(exported["text_1"])
     _scale_initializer(exposed, f"layers.{layer}.block_sparse_moe.shared_experts.down_proj.weight", 2.0)
-    got = IntermediatesRunner(exposed).infer(feed)
+    got = exposed.runner().infer(feed)
     errors = compare_intermediates(got, capture_intermediates(build_stage(model, plan), feed), tol)
     first = first_divergent_layer(errors)
     assert first is not None and first.layer == f"layers.{layer}", errors

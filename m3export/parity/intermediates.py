@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+    from m3export.runners.ort_runner import OrtRunner
+
 PREFIX = "debug."
 # Module classes by qualified name, as the exporter's class_hierarchy metadata spells them.
 LAYER_CLASSES = ("m3export.model.text.DecoderLayer", "m3export.model.vision.M3VisionEncoderLayer")
@@ -81,35 +83,11 @@ class ExposedGraph:
     names: dict[str, str]  # debug output -> the graph value it copies, in graph order
     path: Path | None = None  # where the copy was written, None when it lives in memory only
 
-    def runner(self, providers: list[str] | None = None) -> IntermediatesRunner:
-        return IntermediatesRunner(self, providers)
+    def runner(self, providers: list[str] | None = None) -> OrtRunner:
+        """onnxruntime on the copy: `infer(feed)` returns the graph outputs and every `debug.*`."""
+        from m3export.runners.ort_runner import OrtRunner
 
-
-class IntermediatesRunner:
-    """onnxruntime on an `ExposedGraph`: `infer(feed)` returns the graph outputs and every `debug.*`."""
-
-    def __init__(self, exposed: ExposedGraph, providers: list[str] | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # The copy references the original's `.onnx.data`; from bytes ORT needs its folder.
-        opts.add_session_config_entry(
-            "session.model_external_initializers_file_folder_path", str(exposed.weights_dir)
-        )
-        self.name = f"ort-debug:{exposed.weights_dir.name}"
-        self.session = ort.InferenceSession(
-            exposed.model.SerializeToString(), opts, providers=providers or ["CPUExecutionProvider"]
-        )
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in feed]
-        if missing:
-            raise ValueError(f"{self.name}: missing inputs {missing}")
-        outs = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
-        return dict(zip(self.output_names, outs, strict=True))
+        return OrtRunner(self.model.SerializeToString(), providers, external_data_dir=self.weights_dir)
 
 
 def expose_intermediates(onnx_path: str | Path, out_path: str | Path | None = None) -> ExposedGraph:
