@@ -10,6 +10,7 @@ from clihelp import run_cli
 from PIL import Image
 
 from m3export.forward import forward_prompt, parse_token_ids
+from m3export.integrity import seal_manifest
 from m3export.parity import compare_outputs
 from m3export.spec import M3Spec
 
@@ -60,11 +61,12 @@ def test_run_ort_and_torch_agree(
 def test_run_missing_artifacts_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, stderr = run_cli(["run", str(tmp_path / "nope"), "--input-ids", "1,2"], capsys)
     assert code == 3
-    assert stderr.startswith("error: ") and "manifest.json" in stderr and stderr.count("\n") == 1
+    assert stderr.startswith("error: ") and "no such artifact directory" in stderr and stderr.count("\n") == 1
 
 
 def test_run_unreadable_manifest_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
+    seal_manifest(tmp_path)  # sealed, so the manifest itself is what is refused
     code, _, stderr = run_cli(["run", str(tmp_path), "--input-ids", "1,2"], capsys)
     assert code == 3 and "not valid JSON" in stderr
 
