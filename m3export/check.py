@@ -241,6 +241,11 @@ def run_parity(
                 (got, err), secs = direct[(sub.name, case)], 0.0
             chain.append(CheckEntry(_compare("end_to_end", sub, case, got, err, tols.end_to_end), secs))
             values.update(got or {})
+            video = f"{case}.video"  # the vision subgraph on the case's video feeds `video_features`
+            if video in sub.golden_inputs and got is not None:
+                out, _, _ = _infer(runners[sub.name], sub.golden_inputs[video])
+                if out is not None:
+                    values["video_features"] = out["image_features"]
     # Group the chain by subgraph (chain order) so a report reads stage by stage, as the onnx step does.
     order = {s.name: i for i, s in enumerate(arts.subgraphs)}
     chain.sort(key=lambda e: order[e.report.subject])

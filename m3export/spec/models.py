@@ -271,12 +271,13 @@ class TrtRange(_Strict):
 
 class TrtProfilesSpec(_Strict):
     """Shape ranges of the dynamic dims, one optimisation profile per engine. `patches` of the vision
-    engine follow image_tokens (x spatial_merge_size**2)."""
+    engine (run on images and on videos) follow max(image_tokens, video_tokens) x spatial_merge_size**2."""
 
     batch: TrtRange = TrtRange(min=1, opt=1, max=4)
     seq: TrtRange = TrtRange(min=1, opt=64, max=512)
     past_seq: TrtRange = TrtRange(min=0, opt=64, max=512)
     image_tokens: TrtRange = TrtRange(min=0, opt=16, max=256)
+    video_tokens: TrtRange = TrtRange(min=0, opt=16, max=256)
 
     @model_validator(mode="after")
     def _positive(self) -> TrtProfilesSpec:

@@ -64,9 +64,10 @@ def dim_ranges(trt: TrtSpec, spec: M3Spec) -> dict[str, tuple[int, int, int]]:
         for name, r in (("batch", p.batch), ("seq", p.seq), ("past_seq", p.past_seq))
     }
     out["image_tokens"] = (p.image_tokens.min, p.image_tokens.opt, p.image_tokens.max)
+    out["video_tokens"] = (p.video_tokens.min, p.video_tokens.opt, p.video_tokens.max)
     if spec.vision is not None:
         m2 = spec.vision.spatial_merge_size**2
-        lo, opt, hi = out["image_tokens"]
+        lo, opt, hi = (max(a, b) for a, b in zip(out["image_tokens"], out["video_tokens"], strict=True))
         out["patches"] = (
             max(lo, 1) * m2,
             max(opt, 1) * m2,
