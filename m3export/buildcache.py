@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from m3export.spec import M3Spec
+from m3export.artifacts import MANIFEST, read_manifest
+from m3export.spec import M3Spec, spec_hash
 from m3export.split.plan import SubgraphPlan
 
 
@@ -80,3 +83,42 @@ def subgraph_key(
         "source": source_digest(),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def previous_build(out: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The manifest of a passing build in `out` that passes check's integrity verification, else None."""
+    from m3export.errors import ArtifactError
+    from m3export.integrity import verify_artifacts
+
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        verify_artifacts(out)
+        manifest = read_manifest(out)
+    except ArtifactError as err:
+        say(f"previous build in {out} is not reusable: {err}")
+        return None
+    return manifest if manifest.get("status") == "pass" else None
+
+
+def up_to_date(prev: dict[str, Any], spec: M3Spec, keys: dict[str, str]) -> bool:
+    """Same spec and the same subgraphs with the same keys: nothing to rebuild."""
+    subs = prev.get("subgraphs", {})
+    return (
+        prev.get("spec_hash") == spec_hash(spec)
+        and set(subs) == set(keys)
+        and all(subs[n].get("key") == k for n, k in keys.items())
+    )
+
+
+def reuse_onnx(
+    prev: dict[str, Any] | None, out: Path, name: str, key: str, sub_dir: Path
+) -> dict[str, Any] | None:
+    """Copy a subgraph's ONNX files from the previous build when its key matches; its manifest entry."""
+    sub = (prev or {}).get("subgraphs", {}).get(name)
+    if sub is None or sub.get("key") != key:
+        return None
+    for rel in sub["files"]:
+        if rel.endswith((".onnx", ".onnx.data")):
+            shutil.copy2(out / rel, sub_dir / Path(rel).name)  # verified by _previous_build
+    return dict(sub)

@@ -15,7 +15,6 @@ to `<out>.failed` otherwise (a previous good `out` stays intact).
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,22 +22,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from m3export.artifacts import (
     MANIFEST,
     SCHEMA_VERSION,
     new_staging_dir,
     publish,
-    read_manifest,
     remove_stale_staging,
     sha256_file,
     tool_versions,
     write_json_atomic,
 )
-from m3export.buildcache import subgraph_key
+from m3export.buildcache import previous_build, reuse_onnx, subgraph_key, up_to_date
 from m3export.errors import InputError
+from m3export.goldens import (
+    GoldenCase,
+    case_inputs,
+    full_eager_outputs,
+    golden_cases,
+    to_numpy,
+    trace_inputs,
+    trace_json,
+)
 from m3export.integrity import seal_manifest
 from m3export.parity.compare import Kind, ParityReport, compare_outputs
 from m3export.parity.intermediates import (
@@ -50,45 +56,15 @@ from m3export.parity.intermediates import (
 from m3export.runners.chain import run_chain, run_chunks
 from m3export.spec import M3Spec, dump_spec, spec_hash
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
+from m3export.trt.build import trt_for_subgraph, trt_manifest_section
 
 Progress = Callable[[str], None]
 
-# Trace shapes: batch and seq >= 2 and distinct from every other dim (the exporter specialises
-# size-1 dims and dims that coincide); golden cases use other shapes so dynamic axes are exercised.
-TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 16, 5
 # Decode parity (step d): the last DECODE_STEPS positions of each golden case are fed one at a time
 # through the cache after a chunked prefill of the rest.
 DECODE_STEPS = 3
 STEP_LETTER = {"split": "a", "onnx": "b", "routing": "b", "end_to_end": "c", "decode": "d", "generate": "e"}
 GENERATE_TOKENS = 16  # step e: new tokens per prompt (decode queries reach past 2 x top-k blocks)
-TRACE_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 4), (1, 4, 8))  # 48 patches, 12 image tokens
-TRACE_VIDEO = (2, 4, 4)  # 8 video tokens in row 0 after its 4 image tokens
-
-
-@dataclass(frozen=True)
-class GoldenCase:
-    """One golden input: batch x seq tokens holding the placeholders of `grids` (one image each)."""
-
-    name: str
-    batch: int
-    seq: int
-    grids: tuple[tuple[int, int, int], ...] = ()
-    video: tuple[int, int, int] | None = None  # one video's grid_thw, in row 0 after its images
-
-
-def golden_cases(spec: M3Spec) -> list[GoldenCase]:
-    """Seq 12 (MSA == dense) and seq 40 (MSA drops blocks with block 8 / top-2), batch 1 and 2,
-    0 / 1 / 2 images and a video for a VL spec."""
-    if not spec.is_vl:
-        return [GoldenCase("b1_s12", 1, 12), GoldenCase("b2_s40", 2, 40), GoldenCase("b2_s12", 2, 12)]
-    return [
-        GoldenCase("b1_s12_img0", 1, 12),
-        GoldenCase("b2_s12_img1", 2, 12, ((1, 2, 4),)),
-        GoldenCase("b1_s40_img1", 1, 40, ((1, 4, 6),)),
-        GoldenCase("b2_s40_img2", 2, 40, ((1, 4, 4), (1, 6, 4))),
-        # 5 temporal patches: two attention segments of <= 4 (§4.6), 20 video tokens.
-        GoldenCase("b2_s40_img1_vid1", 2, 40, ((1, 2, 4),), video=(5, 4, 4)),
-    ]
 
 
 @dataclass
@@ -123,85 +99,6 @@ class BuildResult:
 
 
 # ------------------------------------------------------------------------------------- inputs
-
-
-def _case_inputs(spec: M3Spec, case: GoldenCase, seed: int) -> dict[str, Tensor]:
-    """input_ids / position_ids (+ vision inputs) of one case; placeholders sit in row order."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = spec.text.vocab_size
-    ids = torch.randint(3, min(vocab, 1000), (case.batch, case.seq), generator=g)
-    if spec.multimodal is not None:  # keep random ids off the special placeholder ids
-        mm = spec.multimodal
-        ids[(ids == mm.image_token_index) | (ids == mm.video_token_index)] = 3
-    out: dict[str, Tensor] = {}
-    if case.grids:
-        from m3export.model.vision_inputs import build_vision_inputs
-
-        assert spec.vision is not None and spec.multimodal is not None
-        vi = build_vision_inputs(list(case.grids), spec.vision)
-        # Place image i's tokens in row i % batch, at offset 1 + (its rank in that row) * (tokens + 1).
-        cursor = [1] * case.batch
-        for i, n in enumerate(vi.num_tokens):
-            row = i % case.batch
-            if cursor[row] + n > case.seq:
-                raise InputError(
-                    f"golden case {case.name}: image {i} ({n} tokens) does not fit seq {case.seq}"
-                )
-            ids[row, cursor[row] : cursor[row] + n] = spec.multimodal.image_token_index
-            cursor[row] += n + 1
-        # Feature order is flattened batch-major: reorder images by (row, position).
-        order = sorted(range(len(case.grids)), key=lambda i: (i % case.batch, i // case.batch))
-        if order != list(range(len(case.grids))):
-            vi = build_vision_inputs([case.grids[i] for i in order], spec.vision)
-        out["pixel_values"] = torch.randn(vi.num_patches, spec.vision.patch_dim, generator=g).to(
-            getattr(torch, spec.dtype)
-        )
-        out["vision_cos"], out["vision_sin"] = vi.rope_cos, vi.rope_sin
-        out["vision_segment_ids"] = vi.segment_ids
-        out["image_grid_thw"] = torch.tensor([list(r) for r in vi.grid_thw])
-        if case.video is not None:
-            vv = build_vision_inputs([case.video], spec.vision)
-            n = vv.num_tokens[0]
-            if cursor[0] + n > case.seq:
-                raise InputError(
-                    f"golden case {case.name}: the video ({n} tokens) does not fit seq {case.seq}"
-                )
-            ids[0, cursor[0] : cursor[0] + n] = spec.multimodal.video_token_index
-            out["pixel_values_videos"] = torch.randn(vv.num_patches, spec.vision.patch_dim, generator=g).to(
-                getattr(torch, spec.dtype)
-            )
-            out["video_cos"], out["video_sin"] = vv.rope_cos, vv.rope_sin
-            out["video_segment_ids"] = vv.segment_ids
-            out["video_grid_thw"] = torch.tensor([list(case.video)])
-    out["input_ids"] = ids
-    out["position_ids"] = torch.arange(case.seq)[None, :].expand(case.batch, case.seq).contiguous()
-    return out
-
-
-def _full_eager(model: nn.Module, spec: M3Spec, inp: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Reference outputs of the full eager model, named as the plan's final outputs."""
-    with torch.no_grad():
-        if spec.is_vl:
-            out = model(
-                inp["input_ids"],
-                inp.get("pixel_values"),
-                inp.get("image_grid_thw"),
-                inp["position_ids"],
-                pixel_values_videos=inp.get("pixel_values_videos"),
-                video_grid_thw=inp.get("video_grid_thw"),
-            )
-        else:
-            out = model(inp["input_ids"], position_ids=inp["position_ids"])
-    ref = {"logits": out.logits}
-    if spec.text.num_mtp_modules:
-        ref["final_hidden_states"] = out.hidden_states
-        for d, t in enumerate(out.mtp_per_depth_logits or []):
-            ref[f"mtp_logits.{d}"] = t
-    return ref
-
-
-def _np(t: Tensor) -> np.ndarray:
-    return t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy()
 
 
 def _kinds(names: Sequence[str]) -> dict[str, Kind]:
@@ -247,15 +144,15 @@ def build(
     say(f"load model {spec.name} ({'checkpoint' if spec.weights.checkpoint else 'random'} weights)")
     model = load_model(spec)
     tools = tool_versions()
-    keys = {p.name: subgraph_key(spec, p, model, moe_name, _trace_json(), tools) for p in plans}
+    keys = {p.name: subgraph_key(spec, p, model, moe_name, trace_json(), tools) for p in plans}
     remove_stale_staging(out)
-    prev = _previous_build(out, say)
+    prev = previous_build(out, say)
     # --only limits what is (re)exported; unchanged subgraphs of the previous build are carried over.
     prev_keys = {n: s.get("key") for n, s in (prev or {}).get("subgraphs", {}).items()}
     selected = [p for p in plans if not only or p.name in only or prev_keys.get(p.name) == keys[p.name]]
     complete = len(selected) == len(plans)
     keys = {p.name: keys[p.name] for p in selected}
-    if prev is not None and _up_to_date(prev, spec, keys):
+    if prev is not None and up_to_date(prev, spec, keys):
         say(f"up to date: {out} holds a passing build of every selected subgraph with the same keys")
         return BuildResult(out, True, [], prev, time.perf_counter() - start, up_to_date=True)
     stages = {p.name: build_stage(model, p) for p in plans}
@@ -268,18 +165,19 @@ def build(
 
     hidden = spec.text.hidden_size
     cases = golden_cases(spec)
-    case_tensors = {c.name: _case_inputs(spec, c, seed=1000 + i) for i, c in enumerate(cases)}
-    case_inputs = {name: {k: _np(v) for k, v in inp.items()} for name, inp in case_tensors.items()}
+    case_tensors = {c.name: case_inputs(spec, c, seed=1000 + i) for i, c in enumerate(cases)}
+    case_arrays = {name: {k: to_numpy(v) for k, v in inp.items()} for name, inp in case_tensors.items()}
     refs = {
-        c.name: {k: _np(v) for k, v in _full_eager(model, spec, case_tensors[c.name]).items()} for c in cases
+        c.name: {k: to_numpy(v) for k, v in full_eager_outputs(model, spec, case_tensors[c.name]).items()}
+        for c in cases
     }
     final_names = list(refs[cases[0].name])
 
     def chunked(c: GoldenCase, run: Any) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
         bounds = [c.seq - DECODE_STEPS + i for i in range(DECODE_STEPS)]
-        return run_chunks(plans, case_inputs[c.name], run, bounds, hidden_size=hidden, outputs=final_names)
+        return run_chunks(plans, case_arrays[c.name], run, bounds, hidden_size=hidden, outputs=final_names)
 
-    eager = {c.name: run_chain(plans, case_inputs[c.name], run_torch, hidden_size=hidden) for c in cases}
+    eager = {c.name: run_chain(plans, case_arrays[c.name], run_torch, hidden_size=hidden) for c in cases}
     # Golden feeds per subgraph: each case's prompt forward (past_seq 0), and its last decode step
     # (past_seq S-1, seq 1) from a chunked run through the eager cache.
     eager_decode = {c.name: chunked(c, run_torch) for c in cases}
@@ -311,7 +209,7 @@ def build(
         sub_dir.mkdir()
         onnx_path = sub_dir / f"{plan.name}.onnx"
         res.key = keys[plan.name]
-        reused = _reuse_onnx(prev, out, plan.name, res.key, sub_dir)
+        reused = reuse_onnx(prev, out, plan.name, res.key, sub_dir)
         if reused is not None:
             res.node_counts, res.export_seconds, res.reused = reused["node_counts"], None, True
             say(f"[b export] {plan.name}: unchanged (key {res.key[:12]}), reusing its ONNX files")
@@ -363,7 +261,9 @@ def build(
         for kind, values in golden.items():
             np.savez(sub_dir / f"golden_{kind}.npz", **values)  # type: ignore[arg-type]
         if "trt" in spec.export.targets:
-            res.trt = _trt_target(spec, plan, stages[plan.name], sub_dir, golden, onnx_path, staging, say)
+            res.trt = trt_for_subgraph(
+                spec, plan, stages[plan.name], sub_dir, golden, onnx_path, staging, say
+            )
             res.reports += res.trt.reports + res.trt.skips
         for f in sorted(sub_dir.iterdir()):
             res.files[f"{plan.name}/{f.name}"] = sha256_file(f)
@@ -376,7 +276,7 @@ def build(
     # c. end_to_end: chained ORT subgraphs vs the full eager model.
     if tols.end_to_end is not None and all_ort:
         for c in cases:
-            values = run_chain(plans, case_inputs[c.name], run_ort, hidden_size=hidden).values
+            values = run_chain(plans, case_arrays[c.name], run_ort, hidden_size=hidden).values
             gate("end_to_end", c.name, values, tols.end_to_end)
 
     # d. decode: a chunked prefill then DECODE_STEPS one-token steps through the KV cache vs the
@@ -389,7 +289,7 @@ def build(
 
     # e. generate: greedy tokens through the caches on the batch-1 golden prompts.
     if tols.generate is not None and all_ort:
-        prompts = {c.name: case_inputs[c.name] for c in cases if c.batch == 1}
+        prompts = {c.name: case_arrays[c.name] for c in cases if c.batch == 1}
         global_reports += _generate_reports(
             spec, model, plans, run_ort, run_torch, prompts, tols.generate, say
         )
@@ -404,7 +304,7 @@ def build(
         "moe_lowering": moe_name,
         "status": "pass" if passed else "fail",
         "only": list(only) if only else None,
-        "trace_shapes": _trace_json(),
+        "trace_shapes": trace_json(),
         "golden_cases": [
             {
                 "name": c.name,
@@ -428,7 +328,7 @@ def build(
             }
             for name, r in results.items()
         },
-        **_trt_manifest(spec, [r.trt for r in results.values() if r.trt is not None], staging),
+        **trt_manifest_section(spec, [r.trt for r in results.values() if r.trt is not None], staging),
         "parity": [rep.to_json() for rep in global_reports],
     }
     write_json_atomic(staging / MANIFEST, _jsonable(manifest))
@@ -437,109 +337,6 @@ def build(
     publish(staging, dest)
     say(f"published {dest} ({'pass' if passed else 'FAIL'})")
     return BuildResult(dest, passed, reports, manifest, time.perf_counter() - start)
-
-
-def _trace_json() -> dict[str, Any]:
-    return {
-        "batch": TRACE_BATCH,
-        "seq": TRACE_SEQ,
-        "past_seq": TRACE_PAST,
-        "grids": [list(g) for g in TRACE_GRIDS],
-        "video": list(TRACE_VIDEO),
-    }
-
-
-def _trt_target(
-    spec: M3Spec,
-    plan: SubgraphPlan,
-    stage: nn.Module,
-    sub_dir: Path,
-    golden: dict[str, dict[str, np.ndarray]],
-    onnx_path: Path,
-    staging: Path,
-    say: Progress,
-) -> Any:
-    """The TensorRT flavour of one subgraph (docs/tensorrt.md): plugin-lowered ONNX, CPU checks, ORT
-    twin parity, and the engine where TensorRT and a GPU exist (else a skipped report)."""
-    from m3export.trt.build import build_trt_targets
-
-    cases = sorted({k.split("/", 1)[0] for k in golden["inputs"]})
-
-    def case_values(kind: str, case: str) -> dict[str, np.ndarray]:
-        return {k.split("/", 1)[1]: v for k, v in golden[kind].items() if k.startswith(case + "/")}
-
-    pairs = {c: (case_values("inputs", c), case_values("outputs", c)) for c in cases}
-    return build_trt_targets(
-        spec,
-        plan,
-        stage,
-        sub_dir,
-        _trace_inputs(spec, plan),
-        plan.dynamic_axes,
-        pairs,
-        ort_onnx=onnx_path if onnx_path.is_file() else None,
-        timing_cache=staging / "trt_timing.cache",
-        say=say,
-    )
-
-
-def _trt_manifest(spec: M3Spec, results: list[Any], staging: Path) -> dict[str, Any]:
-    """The top-level `trt` section: aggregate status, plugin records, the operator list's source."""
-    if "trt" not in spec.export.targets:
-        return {}
-    from m3export.trt.graph_check import load_supported_ops
-    from m3export.trt.plugin import plugin_record
-
-    statuses = {r.status for r in results}
-    status = "fail" if "fail" in statuses else "skipped" if "skipped" in statuses else "pass"
-    cache = staging / "trt_timing.cache"
-    return {
-        "trt": {
-            "status": status,
-            "plugins": [plugin_record()],
-            "timing_cache": cache.name if cache.is_file() else None,
-            "supported_ops_source": load_supported_ops().source,
-        }
-    }
-
-
-def _previous_build(out: Path, say: Progress) -> dict[str, Any] | None:
-    """The manifest of a passing build in `out` that passes check's integrity verification, else None."""
-    from m3export.errors import ArtifactError
-    from m3export.integrity import verify_artifacts
-
-    if not (out / MANIFEST).is_file():
-        return None
-    try:
-        verify_artifacts(out)
-        manifest = read_manifest(out)
-    except ArtifactError as err:
-        say(f"previous build in {out} is not reusable: {err}")
-        return None
-    return manifest if manifest.get("status") == "pass" else None
-
-
-def _up_to_date(prev: dict[str, Any], spec: M3Spec, keys: dict[str, str]) -> bool:
-    """Same spec and the same subgraphs with the same keys: nothing to rebuild."""
-    subs = prev.get("subgraphs", {})
-    return (
-        prev.get("spec_hash") == spec_hash(spec)
-        and set(subs) == set(keys)
-        and all(subs[n].get("key") == k for n, k in keys.items())
-    )
-
-
-def _reuse_onnx(
-    prev: dict[str, Any] | None, out: Path, name: str, key: str, sub_dir: Path
-) -> dict[str, Any] | None:
-    """Copy a subgraph's ONNX files from the previous build when its key matches; its manifest entry."""
-    sub = (prev or {}).get("subgraphs", {}).get(name)
-    if sub is None or sub.get("key") != key:
-        return None
-    for rel in sub["files"]:
-        if rel.endswith((".onnx", ".onnx.data")):
-            shutil.copy2(out / rel, sub_dir / Path(rel).name)  # verified by _previous_build
-    return dict(sub)
 
 
 def _generate_reports(
@@ -595,44 +392,13 @@ def _export_subgraph(
     """Export one wrapper at the trace shapes with the plan's symbolic dims as dynamic axes."""
     return export_onnx(
         stage,
-        _trace_inputs(spec, plan),
+        trace_inputs(spec, plan),
         path,
         output_names=plan.output_names,
         dynamic_axes=plan.dynamic_axes,
         opset=spec.export.opset,
         lowering=moe,
     )
-
-
-def _trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
-    """Random inputs at the trace shapes, named and typed as the plan's inputs."""
-    g = torch.Generator().manual_seed(7)
-    case = GoldenCase("trace", TRACE_BATCH, TRACE_SEQ, TRACE_GRIDS if spec.is_vl else (), TRACE_VIDEO)
-    base = _case_inputs(spec, case, seed=7)
-    act = getattr(torch, spec.dtype)
-    n_img = (
-        sum(t * h * w for t, h, w in TRACE_GRIDS) // (spec.vision.spatial_merge_size**2) if spec.vision else 0
-    )
-    h = spec.text.hidden_size
-    extra = {
-        "image_features": torch.randn(n_img, h, generator=g).to(act),
-        "video_features": torch.randn(
-            int((base["input_ids"] == (spec.multimodal.video_token_index if spec.multimodal else -1)).sum()),
-            h,
-            generator=g,
-        ).to(act),
-        "hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
-        "final_hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
-        "mtp_input_ids": base["input_ids"],
-        "mtp_lookahead_ids": base["input_ids"][:, : max(spec.text.num_mtp_modules - 1, 0)],
-    }
-    # Positions continue after TRACE_PAST cached ones (a chunked-prefill call).
-    base["position_ids"] = base["position_ids"] + TRACE_PAST
-    sizes = {"batch": TRACE_BATCH, "past_seq": TRACE_PAST}
-    for sig in plan.cache_inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in sig.dims]
-        extra[sig.name] = torch.randn(*shape, generator=g).to(act)
-    return {s.name: base[s.name] if s.name in base else extra[s.name] for s in plan.inputs}
 
 
 def _jsonable(x: Any) -> Any:

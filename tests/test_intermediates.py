@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from m3export.errors import ArtifactError
 from m3export.export.onnx_export import export_onnx
 from m3export.forward import load_model
+from m3export.goldens import trace_inputs as _trace_inputs
 from m3export.model.moe import SparseMoeBlock
 from m3export.ops.lowering import get_lowering
 from m3export.ops.moe import route
@@ -31,7 +32,7 @@ from m3export.parity.intermediates import (
     first_divergent_layer,
     routing_report,
 )
-from m3export.pipeline import _export_subgraph, _trace_inputs
+from m3export.pipeline import _export_subgraph
 from m3export.runners.ort_runner import OrtRunner
 from m3export.spec import M3Spec, Tolerance
 from m3export.split.plan import SubgraphPlan, plan_subgraphs

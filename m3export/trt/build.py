@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from m3export.artifacts import sha256_file
 from m3export.parity.compare import ParityReport, compare_outputs
 from m3export.trt.engine import ProfileShapes, profile_shapes, resolve_precision
@@ -250,3 +252,57 @@ def _engine_steps(
         reports = [failed_report("trt_engine", plan.name, err)]
     res.reports += reports
     say(f"[trt engine] {plan.name}: parity {'pass' if all(r.passed for r in reports) else 'FAIL'}")
+
+
+def trt_for_subgraph(
+    spec: M3Spec,
+    plan: SubgraphPlan,
+    stage: nn.Module,
+    sub_dir: Path,
+    golden: dict[str, dict[str, np.ndarray]],
+    onnx_path: Path,
+    staging: Path,
+    say: Callable[[str], None],
+) -> Any:
+    """The TensorRT flavour of one subgraph (docs/tensorrt.md): plugin-lowered ONNX, CPU checks, ORT
+    twin parity, and the engine where TensorRT and a GPU exist (else a skipped report)."""
+    from m3export.goldens import trace_inputs
+
+    cases = sorted({k.split("/", 1)[0] for k in golden["inputs"]})
+
+    def case_values(kind: str, case: str) -> dict[str, np.ndarray]:
+        return {k.split("/", 1)[1]: v for k, v in golden[kind].items() if k.startswith(case + "/")}
+
+    pairs = {c: (case_values("inputs", c), case_values("outputs", c)) for c in cases}
+    return build_trt_targets(
+        spec,
+        plan,
+        stage,
+        sub_dir,
+        trace_inputs(spec, plan),
+        plan.dynamic_axes,
+        pairs,
+        ort_onnx=onnx_path if onnx_path.is_file() else None,
+        timing_cache=staging / "trt_timing.cache",
+        say=say,
+    )
+
+
+def trt_manifest_section(spec: M3Spec, results: list[Any], staging: Path) -> dict[str, Any]:
+    """The top-level `trt` section: aggregate status, plugin records, the operator list's source."""
+    if "trt" not in spec.export.targets:
+        return {}
+    from m3export.trt.graph_check import load_supported_ops
+    from m3export.trt.plugin import plugin_record
+
+    statuses = {r.status for r in results}
+    status = "fail" if "fail" in statuses else "skipped" if "skipped" in statuses else "pass"
+    cache = staging / "trt_timing.cache"
+    return {
+        "trt": {
+            "status": status,
+            "plugins": [plugin_record()],
+            "timing_cache": cache.name if cache.is_file() else None,
+            "supported_ops_source": load_supported_ops().source,
+        }
+    }
