@@ -37,6 +37,15 @@ ImageOption = Annotated[
     list[Path] | None,
     typer.Option("--image", metavar="FILE", help="image file; repeat for several, in prompt order"),
 ]
+VideoOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--video",
+        metavar="DIR",
+        help="a video as a directory of sampled frame images (file-name order); write the video token id "
+        "(multimodal.video_token_index) once per --video; repeat for several, in prompt order",
+    ),
+]
 
 
 def _echo_err(msg: str) -> None:
@@ -104,6 +113,7 @@ def model_forward(
             "--logits-out", metavar="FILE.npy", help="write the logits [1, S, V] float32 to this .npy file"
         ),
     ] = None,
+    video: VideoOption = None,
 ) -> None:
     """Run the eager model on one prompt; print the logits shape and the last position's top-1 token.
 
@@ -112,7 +122,7 @@ def model_forward(
     from m3export.forward import run_forward
     from m3export.spec import load_spec
 
-    result = run_forward(load_spec(spec_file), input_ids, image or [], logits_out)
+    result = run_forward(load_spec(spec_file), input_ids, image or [], logits_out, video or [])
     typer.echo(
         f"logits {list(result.logits.shape)} ({result.num_images} image(s)); "
         f"top-1 token at the last position: {result.top1_last}"
@@ -187,6 +197,7 @@ def run_cmd(
         Path | None,
         typer.Option("--logits-out", metavar="FILE.npy", help="write the logits [1, S, V] float32 here"),
     ] = None,
+    video: VideoOption = None,
 ) -> None:
     """Run one prompt through the chained subgraphs of a build; print the logits shape and last top-1.
 
@@ -194,7 +205,7 @@ def run_cmd(
     """
     from m3export.run import run_artifacts
 
-    result = run_artifacts(artifacts, backend, input_ids, image or [], logits_out)
+    result = run_artifacts(artifacts, backend, input_ids, image or [], logits_out, video or [])
     typer.echo(
         f"logits {list(result.logits.shape)} ({result.num_images} image(s), backend {result.backend}); "
         f"top-1 token at the last position: {result.top1_last}"
@@ -250,6 +261,7 @@ def generate_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="stop after this many tokens")] = 32,
     backend: BackendOption = "ort",
     image: ImageOption = None,
+    video: VideoOption = None,
     mtp: Annotated[
         bool,
         typer.Option(
@@ -268,7 +280,7 @@ def generate_cmd(
         typer.echo(tok)
 
     result = generate_artifacts(
-        artifacts, backend, input_ids, image or [], max_new_tokens, mtp=mtp, on_token=show
+        artifacts, backend, input_ids, image or [], max_new_tokens, mtp=mtp, on_token=show, videos=video or []
     )
     stats = (
         f"{len(result.tokens)} tokens ({result.stop_reason}) in {result.seconds:.2f} s, backend {result.backend}, "

@@ -11,17 +11,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from m3export.errors import InputError
+from m3export.preprocess import PixelInputs
 from m3export.spec import M3Spec
-
-if TYPE_CHECKING:
-    from m3export.preprocess import PixelInputs
 
 
 @dataclass(frozen=True)
@@ -62,27 +59,64 @@ def load_model(spec: M3Spec) -> nn.Module:
     return cls.from_config(spec)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """Expanded token ids and the preprocessed images / videos (all videos in one PixelInputs)."""
+
+    ids: list[int]
+    images: PixelInputs | None = None
+    videos: PixelInputs | None = None
+
+
+VIDEO_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def video_frames(path: str | os.PathLike) -> list[Path]:
+    """A video given as a directory of already-sampled frames, in file-name order."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"--video {root}: not a directory (give a directory of frame images)")
+    frames = sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_FRAME_SUFFIXES)
+    if not frames:
+        raise InputError(f"--video {root}: no frame images ({', '.join(VIDEO_FRAME_SUFFIXES)})")
+    return frames
+
+
 def prepare_prompt(
-    spec: M3Spec, token_ids: Sequence[int], images: Sequence[str | os.PathLike]
-) -> tuple[list[int], PixelInputs | None]:
-    """Validate ids against the vocabulary, preprocess the images (§4.7) and expand one image
-    placeholder per image into its feature tokens. Shared by `model forward` and `run`."""
-    from m3export.preprocess import expand_image_placeholders, preprocess_images
+    spec: M3Spec,
+    token_ids: Sequence[int],
+    images: Sequence[str | os.PathLike],
+    videos: Sequence[str | os.PathLike] = (),
+) -> Prompt:
+    """Validate ids against the vocabulary, preprocess the images (§4.7) and videos (§4.6) and expand
+    one image / video placeholder per item into its feature tokens. Shared by `model forward`, `run`
+    and `generate`."""
+    from m3export.preprocess import (
+        expand_image_placeholders,
+        expand_video_placeholders,
+        preprocess_images,
+        preprocess_video,
+    )
 
     vocab = spec.text.vocab_size
     bad = [t for t in token_ids if not 0 <= t < vocab]
     if bad:
         raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     ids = list(token_ids)
-    if not images:
-        return ids, None
+    if not images and not videos:
+        return Prompt(ids)
     if spec.vision is None or spec.multimodal is None:
-        raise InputError(f"spec {spec.name!r} is text-only (no vision section): it takes no images")
-    px = preprocess_images(images, spec.vision)
-    ids = expand_image_placeholders(
-        ids, spec.multimodal.image_token_index, px.grid_thw, merge_size=spec.vision.spatial_merge_size
-    )
-    return ids, px
+        raise InputError(f"spec {spec.name!r} is text-only (no vision section): it takes no images or videos")
+    merge, mm = spec.vision.spatial_merge_size, spec.multimodal
+    px = preprocess_images(images, spec.vision) if images else None
+    if px is not None:
+        ids = expand_image_placeholders(ids, mm.image_token_index, px.grid_thw, merge_size=merge)
+    pv = None
+    if videos:
+        each = [preprocess_video(video_frames(v), spec.vision) for v in videos]
+        pv = PixelInputs(torch.cat([v.pixel_values for v in each]), torch.cat([v.grid_thw for v in each]))
+        ids = expand_video_placeholders(ids, mm.video_token_index, pv.grid_thw, merge_size=merge)
+    return Prompt(ids, px, pv)
 
 
 def forward_prompt(
@@ -90,15 +124,21 @@ def forward_prompt(
     token_ids: Sequence[int],
     images: Sequence[str | os.PathLike],
     model: nn.Module | None = None,
+    videos: Sequence[str | os.PathLike] = (),
 ) -> ForwardResult:
-    """Expand one image placeholder per image, preprocess the images (§4.7) and run the eager model."""
+    """Expand one placeholder per image / video, preprocess them (§4.6-4.7) and run the eager model."""
     model = model if model is not None else load_model(spec)
-    ids, px = prepare_prompt(spec, token_ids, images)
+    prompt = prepare_prompt(spec, token_ids, images, videos)
     kwargs: dict[str, Tensor] = {}
-    if px is not None:
-        kwargs = {"pixel_values": px.pixel_values, "image_grid_thw": px.grid_thw}
+    if prompt.images is not None:
+        kwargs |= {"pixel_values": prompt.images.pixel_values, "image_grid_thw": prompt.images.grid_thw}
+    if prompt.videos is not None:
+        kwargs |= {
+            "pixel_values_videos": prompt.videos.pixel_values,
+            "video_grid_thw": prompt.videos.grid_thw,
+        }
     with torch.no_grad():
-        out = model(torch.tensor([ids]), **kwargs)
+        out = model(torch.tensor([prompt.ids]), **kwargs)
     return ForwardResult(out.logits.float(), len(images))
 
 
@@ -107,11 +147,12 @@ def run_forward(
     input_ids: str,
     images: Sequence[str | os.PathLike] = (),
     logits_out: str | os.PathLike | None = None,
+    videos: Sequence[str | os.PathLike] = (),
 ) -> ForwardResult:
     """The `model forward` command: parse '1,2,3' ids, run `forward_prompt`, optionally save the logits."""
     ids = parse_token_ids(input_ids)
     out = _check_logits_path(Path(logits_out)) if logits_out is not None else None  # fail before the forward
-    result = forward_prompt(spec, ids, images)
+    result = forward_prompt(spec, ids, images, videos=videos)
     if out is None:
         return result
     return replace(result, logits_path=save_logits(result.logits, out))

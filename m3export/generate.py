@@ -175,6 +175,7 @@ def generate_artifacts(
     *,
     mtp: bool = False,
     on_token: OnToken | None = None,
+    videos: Sequence[str | os.PathLike] = (),
 ) -> GenerateResult:
     """The `generate` command: load a build, prepare the prompt as `run` does, decode greedily."""
     import time
@@ -184,7 +185,7 @@ def generate_artifacts(
     if backend not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     arts = load_artifacts(artifacts)
-    inp, _ = prepare_inputs(arts.spec, input_ids, images)
+    inp, _ = prepare_inputs(arts.spec, input_ids, images, videos)
     runners = make_runners(arts, backend)
     start = time.perf_counter()
     result = generate_tokens(

@@ -86,32 +86,41 @@ def load_artifacts(root: str | os.PathLike) -> Artifacts:
 
 
 def prepare_inputs(
-    spec: M3Spec, input_ids: str, images: Sequence[str | os.PathLike] = ()
+    spec: M3Spec,
+    input_ids: str,
+    images: Sequence[str | os.PathLike] = (),
+    videos: Sequence[str | os.PathLike] = (),
 ) -> tuple[dict[str, Tensor], int]:
-    """Graph inputs of one prompt (batch 1): input_ids, position_ids and, with images, the vision inputs.
+    """Graph inputs of one prompt (batch 1): input_ids, position_ids and the vision inputs of its images
+    (`pixel_values`, `vision_cos`, ...) and videos (`pixel_values_videos`, `video_cos`, ...).
 
-    Ids and images are handled as `m3export model forward` handles them (same parser, preprocessing
-    and placeholder expansion).
+    Ids, images and videos are handled as `m3export model forward` handles them (same parser,
+    preprocessing and placeholder expansion).
     """
     from m3export.forward import parse_token_ids, prepare_prompt
     from m3export.model.vision_inputs import build_vision_inputs
 
-    ids, px = prepare_prompt(spec, parse_token_ids(input_ids), images)
+    prompt = prepare_prompt(spec, parse_token_ids(input_ids), images, videos)
     inp: dict[str, Tensor] = {}
-    if px is not None:
+    for px, prefix, names in (
+        (prompt.images, "image", ("pixel_values", "vision_cos", "vision_sin", "vision_segment_ids")),
+        (prompt.videos, "video", ("pixel_values_videos", "video_cos", "video_sin", "video_segment_ids")),
+    ):
+        token = getattr(spec.multimodal, f"{prefix}_token_index", None)
+        if px is None:
+            if token is not None and token in prompt.ids:
+                raise InputError(
+                    f"--input-ids hold the {prefix} token id {token} but no --{prefix} was given"
+                )
+            continue
         assert spec.vision is not None
         vi = build_vision_inputs(px.grid_thw, spec.vision, num_patches=px.pixel_values.shape[0])
-        inp["pixel_values"] = px.pixel_values.to(getattr(torch, spec.dtype))
-        inp["vision_cos"], inp["vision_sin"] = vi.rope_cos, vi.rope_sin
-        inp["vision_segment_ids"] = vi.segment_ids
-    elif spec.multimodal is not None and spec.multimodal.image_token_index in ids:
-        raise InputError(
-            f"--input-ids hold the image token id {spec.multimodal.image_token_index} but no --image was given"
-        )
-    if not ids:
+        values = (px.pixel_values.to(getattr(torch, spec.dtype)), vi.rope_cos, vi.rope_sin, vi.segment_ids)
+        inp.update(zip(names, values, strict=True))
+    if not prompt.ids:
         raise InputError("--input-ids is empty")
-    inp["input_ids"] = torch.tensor([ids], dtype=torch.int64)
-    inp["position_ids"] = torch.arange(len(ids), dtype=torch.int64)[None, :]
+    inp["input_ids"] = torch.tensor([prompt.ids], dtype=torch.int64)
+    inp["position_ids"] = torch.arange(len(prompt.ids), dtype=torch.int64)[None, :]
     return inp, len(images)
 
 
@@ -168,6 +177,7 @@ def run_artifacts(
     input_ids: str,
     images: Sequence[str | os.PathLike] = (),
     logits_out: str | os.PathLike | None = None,
+    videos: Sequence[str | os.PathLike] = (),
 ) -> RunResult:
     """The `run` command: load the artifacts, prepare the prompt, run the chain, optionally save logits."""
     from dataclasses import replace
@@ -178,7 +188,7 @@ def run_artifacts(
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     arts = load_artifacts(artifacts)
     out = _check_logits_path(Path(logits_out)) if logits_out is not None else None  # fail before running
-    inp, n_images = prepare_inputs(arts.spec, input_ids, images)
+    inp, n_images = prepare_inputs(arts.spec, input_ids, images, videos)
     result = run_chain(arts, make_runners(arts, backend), inp, n_images, backend)
     if out is None:
         return result

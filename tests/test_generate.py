@@ -54,7 +54,8 @@ def hf_model(tiny_spec: M3Spec, tmp_path_factory: pytest.TempPathFactory) -> Any
 
 
 def _hf_generate(hf: Any, spec: M3Spec, ids: str, images: list[Path]) -> list[int]:
-    expanded, px = prepare_prompt(spec, [int(t) for t in ids.split(",")], images)
+    prompt = prepare_prompt(spec, [int(t) for t in ids.split(",")], images)
+    expanded, px = prompt.ids, prompt.images
     kwargs = {} if px is None else {"pixel_values": px.pixel_values, "image_grid_thw": px.grid_thw}
     with torch.no_grad():
         out = hf.generate(

@@ -78,3 +78,47 @@ def test_run_image_token_without_image_is_an_input_error(
     ids = f"5,{tiny_spec.multimodal.image_token_index},6"
     code, _, stderr = run_cli(["run", str(tiny_build), "--input-ids", ids], capsys)
     assert code == 2 and "no --image" in stderr
+
+
+def test_run_image_and_video_ort_and_torch_agree(
+    tiny_build: Path, tiny_spec: M3Spec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A video (a directory of 5 frames -> 3 temporal patches) goes through the vision subgraph and is
+    spliced at its placeholders; ORT and the eager stages agree, and the eager full model too."""
+    assert tiny_spec.multimodal is not None
+    mm = tiny_spec.multimodal
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        Image.fromarray((rng.random((56, 84, 3)) * 255).astype(np.uint8)).save(frames / f"{i:03d}.png")
+    ids = f"5,{mm.image_token_index},6,{mm.video_token_index},7,8"
+    extra = ["--image", str(_image(tmp_path / "img.png")), "--video", str(frames)]
+    logits = {}
+    for backend in ("ort", "torch"):
+        out = tmp_path / f"{backend}.npy"
+        args = ["run", str(tiny_build), "--backend", backend, "--input-ids", ids, "--logits-out", str(out)]
+        code, stdout, stderr = run_cli(args + extra, capsys)
+        assert code == 0, stdout + stderr
+        logits[backend] = np.load(out)
+    # 4 text + 6 image tokens (60x90 -> [1, 4, 6]) + 18 video tokens (5 frames -> [3, 4, 6] / 4)
+    assert logits["ort"].shape == (1, 4 + 6 + 18, tiny_spec.text.vocab_size)
+    eager = forward_prompt(
+        tiny_spec, parse_token_ids(ids), [tmp_path / "img.png"], videos=[frames]
+    ).logits.numpy()
+    tol = tiny_spec.tolerances.end_to_end
+    assert tol is not None
+    for got, want in ((logits["ort"], logits["torch"]), (logits["torch"], eager)):
+        rep = compare_outputs(
+            "end_to_end", "run", "video", {"logits": got}, {"logits": want}, tol, {"logits": "logits"}
+        )
+        assert rep.passed, rep.failures()
+
+
+def test_run_video_token_without_video_is_an_input_error(
+    tiny_build: Path, tiny_spec: M3Spec, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert tiny_spec.multimodal is not None
+    ids = f"5,{tiny_spec.multimodal.video_token_index},6"
+    code, _, stderr = run_cli(["run", str(tiny_build), "--input-ids", ids], capsys)
+    assert code == 2 and "no --video" in stderr
