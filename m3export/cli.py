@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -46,6 +46,15 @@ VideoOption = Annotated[
         "(multimodal.video_token_index) once per --video; repeat for several, in prompt order",
     ),
 ]
+
+
+def _echo_logits(result: Any, what: str) -> None:
+    """The one-prompt summary of `model forward` and `run`: logits shape, last top-1, saved file."""
+    typer.echo(
+        f"logits {list(result.logits.shape)} ({what}); top-1 token at the last position: {result.top1_last}"
+    )
+    if result.logits_path is not None:
+        typer.echo(f"wrote {result.logits_path}")
 
 
 def _echo_err(msg: str) -> None:
@@ -123,12 +132,7 @@ def model_forward(
     from m3export.spec import load_spec
 
     result = run_forward(load_spec(spec_file), input_ids, image or [], logits_out, video or [])
-    typer.echo(
-        f"logits {list(result.logits.shape)} ({result.num_images} image(s)); "
-        f"top-1 token at the last position: {result.top1_last}"
-    )
-    if result.logits_path is not None:
-        typer.echo(f"wrote {result.logits_path}")
+    _echo_logits(result, f"{result.num_images} image(s)")
 
 
 @app.command("build")
@@ -206,12 +210,7 @@ def run_cmd(
     from m3export.run import run_artifacts
 
     result = run_artifacts(artifacts, backend, input_ids, image or [], logits_out, video or [])
-    typer.echo(
-        f"logits {list(result.logits.shape)} ({result.num_images} image(s), backend {result.backend}); "
-        f"top-1 token at the last position: {result.top1_last}"
-    )
-    if result.logits_path is not None:
-        typer.echo(f"wrote {result.logits_path}")
+    _echo_logits(result, f"{result.num_images} image(s), backend {result.backend}")
 
 
 @app.command("check")

@@ -27,7 +27,7 @@ import numpy as np
 
 from m3export.artifacts import MANIFEST, read_manifest, sha256_file
 from m3export.errors import ArtifactError, M3ExportError
-from m3export.parity.compare import Kind
+from m3export.parity.compare import Kind, kinds_by_name
 from m3export.spec.models import M3Spec
 
 Progress = Callable[[str], None]
@@ -253,7 +253,7 @@ def _load_goldens(root: Path, rel: str, names: tuple[str, ...]) -> dict[str, dic
 
 def _kinds(sub: dict[str, Any], outputs: tuple[str, ...]) -> dict[str, Kind]:
     """The kind the build compared each output as (from its parity records), else by name."""
-    kinds: dict[str, Kind] = {n: ("logits" if "logits" in n else "tensor") for n in outputs}
+    kinds = kinds_by_name(outputs)
     for rep in sub.get("parity") or []:
         for o in rep.get("outputs") or []:
             if o.get("name") in kinds and o.get("kind") in ("tensor", "logits", "routing"):

@@ -46,7 +46,7 @@ from m3export.goldens import (
     trace_json,
 )
 from m3export.integrity import seal_manifest
-from m3export.parity.compare import Kind, ParityReport, compare_outputs
+from m3export.parity.compare import ParityReport, compare_outputs, kinds_by_name
 from m3export.parity.intermediates import (
     capture_intermediates,
     expose_intermediates,
@@ -99,10 +99,6 @@ class BuildResult:
 
 
 # ------------------------------------------------------------------------------------- inputs
-
-
-def _kinds(names: Sequence[str]) -> dict[str, Kind]:
-    return {n: ("logits" if "logits" in n else "tensor") for n in names}
 
 
 # ------------------------------------------------------------------------------------- build
@@ -192,7 +188,9 @@ def build(
     staging = new_staging_dir(out)
 
     def gate(step: str, case: str, got: dict[str, np.ndarray], tol: Any) -> None:
-        rep = compare_outputs(step, "pipeline", case, got, refs[case.split(":")[0]], tol, _kinds(final_names))
+        rep = compare_outputs(
+            step, "pipeline", case, got, refs[case.split(":")[0]], tol, kinds_by_name(final_names)
+        )
         global_reports.append(rep)
         say(f"[{STEP_LETTER[step]} {step}] {case}: {'pass' if rep.passed else 'FAIL'}")
 
@@ -240,7 +238,7 @@ def build(
             try:
                 got = ort_runners[plan.name].infer(feed)
                 rep = compare_outputs(
-                    "onnx", plan.name, case, got, want, tols.onnx, _kinds(plan.output_names)
+                    "onnx", plan.name, case, got, want, tols.onnx, kinds_by_name(plan.output_names)
                 )
                 got_dbg = debug.infer(feed)
             except Exception as err:

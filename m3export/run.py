@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m3export.artifacts import MANIFEST, read_manifest
+from m3export.artifacts import read_manifest
 from m3export.errors import ArtifactError, InputError
 from m3export.spec import M3Spec
 from m3export.split.plan import SubgraphPlan
@@ -66,15 +66,11 @@ def load_artifacts(root: str | os.PathLike) -> Artifacts:
     """Verify the artifact directory as `check` does (seal, sha256 of every file, paths; ArtifactError,
     exit 3), then recreate the spec from the manifest and the plans the build exported."""
     from m3export.integrity import verify_artifacts
-    from m3export.spec import parse_spec
     from m3export.split.plan import plan_subgraphs
 
     root = Path(root)
-    verify_artifacts(root)
+    spec = verify_artifacts(root).spec  # also checks the manifest's structure and its spec
     manifest = read_manifest(root)
-    if not isinstance(manifest.get("spec"), dict) or not isinstance(manifest.get("subgraphs"), dict):
-        raise ArtifactError(f"{root / MANIFEST}: missing the 'spec' or 'subgraphs' section")
-    spec = parse_spec(manifest["spec"], source=f"{root / MANIFEST} (spec)")
     built = manifest["subgraphs"]
     plans = [p for p in plan_subgraphs(spec) if p.name in built]
     missing = [p.name for p in plan_subgraphs(spec) if p.kind == "text" and p.name not in built]

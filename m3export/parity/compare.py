@@ -7,6 +7,7 @@ agreement (fraction of rows whose selected expert SET matches, for int [T, k] se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -121,6 +122,11 @@ def compare_output(
     if top1 is not None and tol.min_top1_agreement is not None and top1 < tol.min_top1_agreement:
         failures.append(f"top-1 agreement {top1:.4f} < {tol.min_top1_agreement}")
     return OutputParity(name, kind, max_abs, max_rel, cosine, top1, None, tuple(failures))
+
+
+def kinds_by_name(names: Sequence[str]) -> dict[str, Kind]:
+    """How to compare each named output by default: `*logits*` as logits (top-1), the rest as tensors."""
+    return {n: ("logits" if "logits" in n else "tensor") for n in names}
 
 
 def compare_outputs(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from m3export.artifacts import sha256_file
-from m3export.parity.compare import ParityReport, compare_outputs
+from m3export.parity.compare import ParityReport, compare_outputs, kinds_by_name
 from m3export.trt.engine import ProfileShapes, profile_shapes, resolve_precision
 from m3export.trt.result import Golden, TrtResult, failed_report
 
@@ -36,10 +36,6 @@ if TYPE_CHECKING:
     from m3export.split.plan import SubgraphPlan
 
 
-def _kinds(names: list[str]) -> dict[str, Any]:
-    return {n: ("logits" if "logits" in n else "tensor") for n in names}
-
-
 def _compare(
     step: str, plan: SubgraphPlan, golden: Golden, run: Callable[..., Any], tol: Tolerance
 ) -> list[ParityReport]:
@@ -47,7 +43,9 @@ def _compare(
     for case, (feed, want) in golden.items():
         try:
             got = run(feed)
-            reports.append(compare_outputs(step, plan.name, case, got, want, tol, _kinds(plan.output_names)))
+            reports.append(
+                compare_outputs(step, plan.name, case, got, want, tol, kinds_by_name(plan.output_names))
+            )
         except Exception as err:
             reports.append(
                 ParityReport(
