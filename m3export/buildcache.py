@@ -93,7 +93,7 @@ def previous_build(out: Path, say: Callable[[str], None]) -> dict[str, Any] | No
     if not (out / MANIFEST).is_file():
         return None
     try:
-        verify_artifacts(out)
+        verify_artifacts(out, complete=False)  # a partial build's unchanged subgraphs carry over too
         manifest = read_manifest(out)
     except ArtifactError as err:
         say(f"previous build in {out} is not reusable: {err}")

@@ -79,9 +79,7 @@ def _trt_runner_factory() -> MakeRunner:
 def runner_factory(backend: str) -> MakeRunner:
     """Resolve the backend before any work, so an unusable one is a usage error (exit 2)."""
     if backend == "ort":
-        from m3export.runners.ort_runner import OrtRunner
-
-        return lambda sub: OrtRunner(sub.onnx)
+        return lambda sub: sub.ort_runner()
     if backend == "trt":
         return _trt_runner_factory()
     raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -108,7 +106,9 @@ class CheckResult:
     def status(self) -> str:
         if self.integrity_error is not None:
             return "integrity_failure"
-        return "pass" if all(e.report.passed for e in self.entries) else "parity_failure"
+        # A gate that compared nothing has not passed.
+        ok = bool(self.entries) and all(e.report.passed for e in self.entries)
+        return "pass" if ok else "parity_failure"
 
     @property
     def passed(self) -> bool:
@@ -122,6 +122,8 @@ class CheckResult:
         """One line per failing entry: `step subgraph case: what failed`."""
         if self.integrity_error is not None:
             return [self.integrity_error]
+        if not self.entries:
+            return ["nothing was compared (no golden cases): a gate that compared nothing has not passed"]
         return [
             f"{e.report.step} {e.report.subject} {e.report.case}: {'; '.join(e.report.failures())}"
             for e in self.entries
@@ -185,14 +187,14 @@ def _localise(
 ) -> ParityReport:
     """Re-run the failing case on a copy of the ONNX graph exposing every layer's output and compare
     with the build's eager layer outputs (golden_intermediates.npz): where divergence starts."""
-    from m3export.parity.intermediates import expose_intermediates, localise
+    from m3export.parity.intermediates import localise
 
     rel = f"{sub.name}/golden_intermediates.npz"
     if rel not in arts.files:  # a build from before intermediates were stored
         return rep
     with np.load(arts.root / rel) as data:
         want = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(case + "/")}
-    got = expose_intermediates(sub.onnx).runner().infer(sub.golden_inputs[case])
+    got = sub.debug_runner().infer(sub.golden_inputs[case])
     return localise(rep, got, want, tol)
 
 
@@ -201,35 +203,52 @@ def _layer_errors(rep: ParityReport) -> tuple[LayerError, ...]:
     return tuple(LayerError(lay["layer"], float(lay["max_abs"])) for lay in layers)
 
 
-def run_parity(
-    arts: VerifiedArtifacts, make_runner: MakeRunner, say: Progress
+def _build_verdict(arts: VerifiedArtifacts) -> list[CheckEntry]:
+    """A failing entry when the build itself recorded a failure: check never passes a failed build."""
+    status, failed = arts.build_status
+    if status == "pass":
+        return []
+    what = f"the build recorded status {status!r}" + (f" (failed: {', '.join(failed)})" if failed else "")
+    return [CheckEntry(ParityReport("build", "pipeline", "-", {}, (), f"{what}; rebuild it"))]
+
+
+def _routing(
+    arts: VerifiedArtifacts, sub: SubgraphArtifact, tol: Tolerance, backend: str
 ) -> tuple[list[CheckEntry], list[str]]:
-    """The `onnx` step per subgraph, then the `end_to_end` chain per case (see the module docstring)."""
-    tols = arts.spec.tolerances
-    skipped = [
-        f"{s} (no tolerances.{s} in the spec)" for s in ("onnx", "end_to_end") if getattr(tols, s) is None
-    ]
-    runners = {s.name: make_runner(s) for s in arts.subgraphs}
-    entries: list[CheckEntry] = []
-    direct: dict[tuple[str, str], tuple[dict[str, np.ndarray] | None, str | None]] = {}
-    for sub in arts.subgraphs:  # onnx: each subgraph alone on its golden inputs
-        for case in arts.cases:
-            if case not in sub.golden_inputs:  # e.g. vision on a case without images
-                continue
-            got, err, secs = _infer(runners[sub.name], sub.golden_inputs[case])
-            direct[(sub.name, case)] = (got, err)
-            if tols.onnx is not None:
-                rep = _compare("onnx", sub, case, got, err, tols.onnx)
-                if rep.failed and got is not None:
-                    rep = _localise(arts, sub, case, rep, tols.onnx)
-                entries.append(CheckEntry(rep, secs, _layer_errors(rep)))
-        if tols.onnx is not None:
-            bad = sum(not e.report.passed for e in entries if e.report.subject == sub.name)
-            say(f"[onnx] {sub.name}: {'pass' if not bad else f'FAIL ({bad} case(s))'}")
-    if tols.end_to_end is None:
-        return entries, skipped
+    """Routing agreement per MoE layer: the exposed graph's expert indices vs the build's eager ones."""
+    from m3export.parity.intermediates import routing_report
+
+    rel = f"{sub.name}/golden_intermediates.npz"
+    if rel not in arts.files:
+        return [], []
+    with np.load(arts.root / rel) as data:
+        wanted = {k for k in data.files if k.endswith(".experts")}
+        if not wanted:
+            return [], []
+        want = {c: {k.split("/", 1)[1]: data[k] for k in wanted if k.startswith(c + "/")} for c in arts.cases}
+    if backend != "ort":
+        return [], [f"routing {sub.name} (the {backend} graph routes inside its MoE plugin node)"]
+    runner = sub.debug_runner()
+    entries = []
+    for case in arts.cases:
+        if case not in sub.golden_inputs or not want.get(case):
+            continue
+        got, err, secs = _infer(runner, sub.golden_inputs[case])
+        if got is None:
+            rep = ParityReport(
+                "routing", sub.name, case, tol.model_dump(mode="json"), (), f"run failed: {err}"
+            )
+        else:
+            rep = routing_report("routing", sub.name, case, got, want[case], tol)
+        entries.append(CheckEntry(rep, secs))
+    return entries, []
+
+
+def _chain(arts: VerifiedArtifacts, runners: dict[str, Any], direct: Any, tol: Tolerance) -> list[CheckEntry]:
+    """Per case, the subgraphs chained in plan order: each fed what earlier ones produced (and its
+    stored golden input otherwise); a subgraph that does not produce exactly its declared outputs fails."""
     chain: list[CheckEntry] = []
-    for case in arts.cases:  # end_to_end: chained, earlier outputs replacing stored inputs
+    for case in arts.cases:
         values: dict[str, np.ndarray] = {}
         for sub in arts.subgraphs:
             if case not in sub.golden_inputs:
@@ -239,7 +258,10 @@ def run_parity(
                 got, err, secs = _infer(runners[sub.name], feed)
             else:  # the same feed as the onnx step: reuse its outputs
                 (got, err), secs = direct[(sub.name, case)], 0.0
-            chain.append(CheckEntry(_compare("end_to_end", sub, case, got, err, tols.end_to_end), secs))
+            if got is not None and set(got) != set(sub.outputs):
+                err = f"produced {sorted(got)}, the manifest declares {list(sub.outputs)}"
+                got = None
+            chain.append(CheckEntry(_compare("end_to_end", sub, case, got, err, tol), secs))
             values.update(got or {})
             video = f"{case}.video"  # the vision subgraph on the case's video feeds `video_features`
             if video in sub.golden_inputs and got is not None:
@@ -249,9 +271,85 @@ def run_parity(
     # Group the chain by subgraph (chain order) so a report reads stage by stage, as the onnx step does.
     order = {s.name: i for i, s in enumerate(arts.subgraphs)}
     chain.sort(key=lambda e: order[e.report.subject])
+    return chain
+
+
+def _prompt(arts: VerifiedArtifacts, case: str) -> dict[str, np.ndarray]:
+    """The batch-1 prompt of a golden case, rebuilt from the stored goldens (ids, positions, pixels)."""
+    from m3export.runners.chain import VIDEO_INPUTS
+
+    by_name = {s.name: s for s in arts.subgraphs}
+    text0 = by_name["text_0"].golden_inputs[case]
+    prompt = {"input_ids": text0["input_ids"], "position_ids": text0["position_ids"]}
+    vision = by_name.get("vision")
+    if vision is not None:
+        prompt.update(vision.golden_inputs.get(case, {}))
+        prompt.update({VIDEO_INPUTS[k]: v for k, v in vision.golden_inputs.get(f"{case}.video", {}).items()})
+    return prompt
+
+
+def _generate(arts: VerifiedArtifacts, runners: dict[str, Any], tol: Tolerance) -> list[CheckEntry]:
+    """Greedy decoding (and MTP speculative decoding) of the golden prompts vs the build's tokens."""
+    import time
+
+    from m3export.generate import generate_tokens
+    from m3export.split.plan import plan_subgraphs
+
+    plans = plan_subgraphs(arts.spec)
+    run = lambda plan, feed: runners[plan.name].infer(feed)  # noqa: E731
+    entries = []
+    for case, modes in arts.golden_tokens.items():
+        prompt = _prompt(arts, case)
+        for mode, want in modes.items():
+            t0 = time.perf_counter()
+            label = f"{case}:{mode}"
+            try:
+                got = generate_tokens(arts.spec, plans, run, prompt, len(want), mtp=mode == "mtp").tokens
+                rep = compare_outputs(
+                    "generate", "pipeline", label, {"tokens": np.array(got)}, {"tokens": np.array(want)}, tol
+                )
+            except Exception as err:  # a runtime failure on a verified artifact is a failed check
+                msg = f"{type(err).__name__}: {' '.join(str(err).splitlines())[:300]}"
+                rep = ParityReport("generate", "pipeline", label, tol.model_dump(mode="json"), (), msg)
+            entries.append(CheckEntry(rep, time.perf_counter() - t0))
+    return entries
+
+
+def run_parity(
+    arts: VerifiedArtifacts, make_runner: MakeRunner, say: Progress, backend: str = "ort"
+) -> tuple[list[CheckEntry], list[str]]:
+    """The build's verdict, the `onnx` and `routing` steps per subgraph, the `end_to_end` chain per
+    case and greedy `generate` on the golden prompts (see the module docstring)."""
+    tols = arts.spec.tolerances
+    skipped = ["split (needs the eager PyTorch model; the build ran it)"]
+    runners = {s.name: make_runner(s) for s in arts.subgraphs}
+    entries: list[CheckEntry] = _build_verdict(arts)
+    direct: dict[tuple[str, str], tuple[dict[str, np.ndarray] | None, str | None]] = {}
+    for sub in arts.subgraphs:  # onnx: each subgraph alone on its golden inputs
+        mine: list[CheckEntry] = []
+        for case in arts.cases:
+            if case not in sub.golden_inputs:  # e.g. vision on a case without images
+                continue
+            got, err, secs = _infer(runners[sub.name], sub.golden_inputs[case])
+            direct[(sub.name, case)] = (got, err)
+            rep = _compare("onnx", sub, case, got, err, tols.onnx)
+            if rep.failed and got is not None:
+                rep = _localise(arts, sub, case, rep, tols.onnx)
+            mine.append(CheckEntry(rep, secs, _layer_errors(rep)))
+        routing, skips = _routing(arts, sub, tols.onnx, backend)
+        mine += routing
+        skipped += skips
+        bad = sum(not e.report.passed for e in mine)
+        say(f"[onnx] {sub.name}: {'pass' if not bad else f'FAIL ({bad} case(s))'}")
+        entries += mine
+    chain = _chain(arts, runners, direct, tols.end_to_end)
     bad_chain = [e for e in chain if not e.report.passed]
     say(f"[end_to_end] {len(arts.cases)} case(s): {'pass' if not bad_chain else f'FAIL ({len(bad_chain)})'}")
-    return entries + chain, skipped
+    gen = _generate(arts, runners, tols.generate)
+    if gen:
+        bad_gen = [e for e in gen if not e.report.passed]
+        say(f"[generate] {len(gen)} prompt(s): {'pass' if not bad_gen else f'FAIL ({len(bad_gen)})'}")
+    return entries + chain + gen, skipped
 
 
 def check_artifacts(
@@ -259,6 +357,7 @@ def check_artifacts(
     backend: str = "ort",
     report: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    key: bytes | None = None,
 ) -> CheckResult:
     """Verify `root`, re-run its goldens with `backend`, optionally write the report files.
 
@@ -274,8 +373,12 @@ def check_artifacts(
         report_paths(report)  # validate before the work
     make_runner = runner_factory(backend)
     try:
-        arts = verify_artifacts(root, say)
-        entries, skipped = run_parity(arts, make_runner, say)
+        arts = verify_artifacts(root, say, key=key)
+        if backend == "ort":
+            from m3export.runners.ort_runner import require_onnxruntime
+
+            require_onnxruntime(arts.runtime["onnxruntime"], arts.moe_lowering)
+        entries, skipped = run_parity(arts, make_runner, say, backend)
     except ArtifactError as err:
         if report is not None:
             failed = CheckResult(root, backend, {}, (), time.perf_counter() - start, integrity_error=str(err))

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from m3export.errors import M3ExportError
 
@@ -36,6 +35,14 @@ BackendOption = Annotated[
 ImageOption = Annotated[
     list[Path] | None,
     typer.Option("--image", metavar="FILE", help="image file; repeat for several, in prompt order"),
+]
+KeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--key",
+        metavar="FILE",
+        help="HMAC key file: also require the build's manifest.sig to match (a build signed with --sign-key)",
+    ),
 ]
 VideoOption = Annotated[
     list[Path] | None,
@@ -85,17 +92,14 @@ def spec_from_hf(
     name: Annotated[str | None, typer.Option(help="spec name (default: the directory name)")] = None,
 ) -> None:
     """Write a spec for an HF-format checkpoint directory (weights: {checkpoint: DIR})."""
-    from m3export.spec import dump_spec, from_hf_config
+    from m3export.spec import from_hf_config
+    from m3export.spec.load import spec_yaml, write_spec_yaml
 
     spec = from_hf_config(directory, name=name)
-    text = yaml.safe_dump(dump_spec(spec), sort_keys=False, default_flow_style=None, width=110)
     if output is None:
-        typer.echo(text, nl=False)
+        typer.echo(spec_yaml(spec), nl=False)
         return
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
-    typer.echo(f"wrote {output}")
+    typer.echo(f"wrote {write_spec_yaml(spec, output)}")
 
 
 @model_app.command("forward")
@@ -151,18 +155,24 @@ def build_cmd(
             "then run only if every subgraph is named",
         ),
     ] = None,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option("--sign-key", metavar="FILE", help="HMAC key file: sign the manifest (manifest.sig)"),
+    ] = None,
 ) -> None:
     """Split, export to ONNX and gate on parity (split, onnx, end_to_end, decode); publish to --out.
 
     Exit 0 when every parity check passed, 1 on a parity failure (the build goes to <out>.failed and
     <out> is left intact), 2 on a user error.
     """
+    from m3export.integrity import read_key
     from m3export.pipeline import build, parity_rows
     from m3export.spec import load_spec
 
     spec = load_spec(spec_file)
     names = [n.strip() for n in only.split(",") if n.strip()] if only else None
-    result = build(spec, out or Path("artifacts") / spec.name, names, progress=typer.echo)
+    key = read_key(sign_key) if sign_key is not None else None
+    result = build(spec, out or Path("artifacts") / spec.name, names, progress=typer.echo, sign_key=key)
     if result.up_to_date:
         typer.echo(f"build {spec.name}: up to date ({result.seconds:.1f} s) -> {result.out_dir}")
         return
@@ -202,14 +212,17 @@ def run_cmd(
         typer.Option("--logits-out", metavar="FILE.npy", help="write the logits [1, S, V] float32 here"),
     ] = None,
     video: VideoOption = None,
+    key: KeyOption = None,
 ) -> None:
     """Run one prompt through the chained subgraphs of a build; print the logits shape and last top-1.
 
     Exit 3 when the artifact directory is missing or unreadable, 2 on a user error.
     """
+    from m3export.integrity import read_key
     from m3export.run import run_artifacts
 
-    result = run_artifacts(artifacts, backend, input_ids, image or [], logits_out, video or [])
+    secret = read_key(key) if key is not None else None
+    result = run_artifacts(artifacts, backend, input_ids, image or [], logits_out, video or [], secret)
     _echo_logits(result, f"{result.num_images} image(s), backend {result.backend}")
 
 
@@ -227,19 +240,24 @@ def check_cmd(
             help="write a JSON report to FILE and, beside it, JUnit XML (.xml), Markdown (.md), a plot (.png)",
         ),
     ] = None,
+    key: KeyOption = None,
 ) -> None:
     """Verify an artifact directory (manifest seal, sha256 of every file, paths), then re-run its goldens.
 
     Exit 0 pass, 1 parity failure, 2 usage error, 3 integrity failure (nothing is run then).
     """
     from m3export.check import check_artifacts
+    from m3export.integrity import read_key
     from m3export.parity.report import format_table
 
-    result = check_artifacts(artifacts, backend, report, progress=typer.echo)
+    secret = read_key(key) if key is not None else None
+    result = check_artifacts(artifacts, backend, report, progress=typer.echo, key=secret)
     for line in format_table(result.to_json()):
         typer.echo(line)
     for path in result.report_files:
         typer.echo(f"wrote {path}")
+    for skipped in result.skipped:
+        typer.echo(f"not re-run: {skipped}")
     if result.passed:
         typer.echo(f"check {artifacts}: pass ({len(result.entries)} comparisons, {result.seconds:.1f} s)")
         return
@@ -267,6 +285,7 @@ def generate_cmd(
             "--mtp", help="speculative decoding with the MTP subgraph (same tokens, fewer forwards)"
         ),
     ] = False,
+    key: KeyOption = None,
 ) -> None:
     """Greedy decoding with the KV cache, streaming token ids as they are produced (one per line).
 
@@ -274,12 +293,21 @@ def generate_cmd(
     artifact directory is missing or unreadable, 2 on a user error.
     """
     from m3export.generate import generate_artifacts
+    from m3export.integrity import read_key
 
     def show(tok: int) -> None:
         typer.echo(tok)
 
     result = generate_artifacts(
-        artifacts, backend, input_ids, image or [], max_new_tokens, mtp=mtp, on_token=show, videos=video or []
+        artifacts,
+        backend,
+        input_ids,
+        image or [],
+        max_new_tokens,
+        mtp=mtp,
+        on_token=show,
+        videos=video or [],
+        key=read_key(key) if key is not None else None,
     )
     stats = (
         f"{len(result.tokens)} tokens ({result.stop_reason}) in {result.seconds:.2f} s, backend {result.backend}, "
@@ -290,16 +318,96 @@ def generate_cmd(
     _echo_err(stats)
 
 
+class StdoutFailed(BaseException):
+    """Writing to standard output failed (a closed pipe, a full disk): stop the command. A
+    BaseException, so that no library `except Exception` swallows it."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(err)
+        self.err = err
+
+
+class _GuardedStream:
+    """sys.stdout whose write / flush errors become StdoutFailed (raised out of any library code)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError as err:
+            raise StdoutFailed(err) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise StdoutFailed(err) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
+    import errno
+    import warnings
+
+    import typer._click.exceptions as click_exc
+    import typer.exceptions as typer_exc
+
+    # Library warnings (Pillow, torch's exporter) are not the user's business on a successful run.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnxscript|PIL)\b")
+    real_stdout = sys.stdout
+    sys.stdout = _GuardedStream(real_stdout)  # type: ignore[assignment]
+    code = 0
     try:
-        app()
+        result = app(standalone_mode=False, prog_name="m3export")
+        code = result if isinstance(result, int) else 0
+        sys.stdout.flush()
+    except click_exc.NoArgsIsHelpError as err:  # `m3export` / `m3export spec` alone: the help
+        if err.ctx is not None:
+            typer.echo(err.ctx.get_help())
+        code = 2
+    except click_exc.UsageError as err:
+        cmd = err.ctx.command_path if err.ctx is not None else "m3export"
+        _echo_err(f"error: {cmd}: {' '.join(err.format_message().split())} (see `{cmd} --help`)")
+        code = 2
+    except typer_exc.Exit as err:
+        code = err.exit_code
+    except typer_exc.Abort:
+        _echo_err("interrupted")
+        code = 130
     except M3ExportError as err:
         _echo_err("error: " + " ".join(str(err).splitlines()))
-        sys.exit(err.exit_code)
+        code = err.exit_code
+    except StdoutFailed as failed:
+        _silence_stdout()
+        if failed.err.errno == errno.EPIPE:  # the reader went away (`| head`): stop, as SIGPIPE would
+            code = 141
+        else:
+            _echo_err(f"error: cannot write to standard output: {failed.err.strerror}")
+            code = 2
     except KeyboardInterrupt:
         _echo_err("interrupted")
-        sys.exit(130)
+        code = 130
+    finally:
+        sys.stdout = real_stdout
+    sys.exit(code)
 
 
 if __name__ == "__main__":

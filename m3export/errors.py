@@ -24,6 +24,19 @@ class InputError(M3ExportError):
     """Runtime input (token ids, images, grids) is invalid."""
 
 
+class OutputError(M3ExportError):
+    """The output location cannot take the build: not writable, too little space, a directory that is
+    not an m3export build, inside another build, or held by a concurrent build."""
+
+
+class ResourceError(M3ExportError):
+    """The command would need more memory than the machine (or M3EXPORT_MAX_MEMORY) allows."""
+
+
+class RuntimeVersionError(M3ExportError):
+    """The installed runtime (e.g. onnxruntime) is outside the range a build's graphs are valid on."""
+
+
 class ArtifactError(M3ExportError):
     """An artifact directory is missing, incomplete or fails integrity checks."""
 

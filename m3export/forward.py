@@ -104,19 +104,38 @@ def prepare_prompt(
         raise InputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     ids = list(token_ids)
     if not images and not videos:
+        check_prompt_length(spec, len(ids))
         return Prompt(ids)
     if spec.vision is None or spec.multimodal is None:
         raise InputError(f"spec {spec.name!r} is text-only (no vision section): it takes no images or videos")
+    from m3export.preprocess import media_tokens
+
+    # Before decoding anything: the expanded length from the files' headers (2,000 large frames must
+    # be refused here, not decoded at full size first).
+    frames = [video_frames(v) for v in videos]
+    expected = len(ids) - len(images) - len(videos) + media_tokens(images, frames, spec.vision)
+    check_prompt_length(spec, expected)
     merge, mm = spec.vision.spatial_merge_size, spec.multimodal
     px = preprocess_images(images, spec.vision) if images else None
     if px is not None:
         ids = expand_image_placeholders(ids, mm.image_token_index, px.grid_thw, merge_size=merge)
     pv = None
     if videos:
-        each = [preprocess_video(video_frames(v), spec.vision) for v in videos]
+        each = [preprocess_video(f, spec.vision) for f in frames]
         pv = PixelInputs(torch.cat([v.pixel_values for v in each]), torch.cat([v.grid_thw for v in each]))
         ids = expand_video_placeholders(ids, mm.video_token_index, pv.grid_thw, merge_size=merge)
+    check_prompt_length(spec, len(ids))
     return Prompt(ids, px, pv)
+
+
+def check_prompt_length(spec: M3Spec, length: int) -> None:
+    """InputError when a prompt (media expanded) is longer than the spec's context."""
+    limit = spec.text.max_position_embeddings
+    if length > limit:
+        raise InputError(
+            f"the prompt has {length} tokens (images and videos expanded); the spec's maximum length "
+            f"(text.max_position_embeddings) is {limit}"
+        )
 
 
 def forward_prompt(
@@ -127,8 +146,14 @@ def forward_prompt(
     videos: Sequence[str | os.PathLike] = (),
 ) -> ForwardResult:
     """Expand one placeholder per image / video, preprocess them (§4.6-4.7) and run the eager model."""
-    model = model if model is not None else load_model(spec)
     prompt = prepare_prompt(spec, token_ids, images, videos)
+    if model is None:
+        from m3export.memory import forward_memory_bytes, require_memory
+
+        require_memory(
+            forward_memory_bytes(spec, len(prompt.ids)), f"model forward of {len(prompt.ids)} tokens"
+        )
+        model = load_model(spec)
     kwargs: dict[str, Tensor] = {}
     if prompt.images is not None:
         kwargs |= {"pixel_values": prompt.images.pixel_values, "image_grid_thw": prompt.images.grid_thw}
@@ -161,16 +186,40 @@ def run_forward(
 def _check_logits_path(out: Path) -> Path:
     if out.suffix != ".npy":
         raise InputError(f"--logits-out {out}: the file name must end in .npy")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise InputError(f"--logits-out {out}: exists and is not a regular file")
     if not out.parent.is_dir():
         raise InputError(f"--logits-out {out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"--logits-out {out}: directory {out.parent} is not writable")
     return out
 
 
 def save_logits(logits: Tensor, path: str | os.PathLike) -> Path:
-    """Write logits as a float32 .npy file (atomically: a temp file, then rename)."""
+    """Write logits as a float32 .npy file (atomically: a temp file, then rename; no temp file is
+    left behind when the write fails)."""
+    import tempfile
+
     out = _check_logits_path(Path(path))
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.save(f, logits.detach().cpu().numpy().astype(np.float32))
-    tmp.replace(out)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as err:
+        raise InputError(f"--logits-out {out}: cannot write there ({err.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, logits.detach().cpu().numpy().astype(np.float32))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"--logits-out {out}: cannot write it ({err.strerror})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -176,16 +176,20 @@ def generate_artifacts(
     mtp: bool = False,
     on_token: OnToken | None = None,
     videos: Sequence[str | os.PathLike] = (),
+    key: bytes | None = None,
 ) -> GenerateResult:
     """The `generate` command: load a build, prepare the prompt as `run` does, decode greedily."""
     import time
 
+    from m3export.memory import require_memory, runtime_memory_bytes
     from m3export.run import BACKENDS, load_artifacts, make_runners, prepare_inputs
 
     if backend not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    arts = load_artifacts(artifacts)
+    arts = load_artifacts(artifacts, key)
     inp, _ = prepare_inputs(arts.spec, input_ids, images, videos)
+    total = min(int(inp["input_ids"].shape[1]) + max_new_tokens, arts.spec.text.max_position_embeddings)
+    require_memory(runtime_memory_bytes(arts.spec, total), f"generate up to {total} tokens")
     runners = make_runners(arts, backend)
     start = time.perf_counter()
     result = generate_tokens(

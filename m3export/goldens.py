@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from m3export.errors import InputError
 from m3export.spec import M3Spec
-from m3export.split.plan import SubgraphPlan
+from m3export.split.plan import HIDDEN_PREFIX, SubgraphPlan
 
 # Trace shapes: batch and seq >= 2 and distinct from every other dim (the exporter specialises
 # size-1 dims and dims that coincide); golden cases use other shapes so dynamic axes are exercised.
@@ -157,7 +157,6 @@ def trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
             h,
             generator=g,
         ).to(act),
-        "hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
         "final_hidden_states": torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act),
         "mtp_input_ids": base["input_ids"],
         "mtp_lookahead_ids": base["input_ids"][:, : max(spec.text.num_mtp_modules - 1, 0)],
@@ -165,6 +164,9 @@ def trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
     # Positions continue after TRACE_PAST cached ones (a chunked-prefill call).
     base["position_ids"] = base["position_ids"] + TRACE_PAST
     sizes = {"batch": TRACE_BATCH, "past_seq": TRACE_PAST}
+    for sig in plan.inputs:
+        if sig.name.startswith(HIDDEN_PREFIX):  # a stage boundary `hidden_states.{layer}`
+            extra[sig.name] = torch.randn(TRACE_BATCH, TRACE_SEQ, h, generator=g).to(act)
     for sig in plan.cache_inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in sig.dims]
         extra[sig.name] = torch.randn(*shape, generator=g).to(act)

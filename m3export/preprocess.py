@@ -117,6 +117,44 @@ def load_image(source: ImageLike) -> np.ndarray:
     )
 
 
+def image_size(source: ImageLike) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, read from the file's header without decoding it."""
+    if isinstance(source, np.ndarray):
+        return int(source.shape[0]), int(source.shape[1])
+    if isinstance(source, Image.Image):
+        return source.height, source.width
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that rotate by 90°
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"cannot read image {path}: {reason}") from None
+    return (w, h) if transposed else (h, w)
+
+
+def media_tokens(
+    images: Sequence[ImageLike], videos: Sequence[Sequence[ImageLike]], vision: VisionSpec
+) -> int:
+    """Feature tokens the images and videos will expand to, from their headers only (nothing decoded):
+    what a prompt's length is checked against before any pixel is loaded."""
+    factor = vision.patch_size * vision.spatial_merge_size
+    per_patch = vision.spatial_merge_size**2 * vision.patch_size**2
+    total = 0
+    for image in images:
+        h, w = smart_resize(*image_size(image), factor, IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS)
+        total += h * w // per_patch
+    for frames in videos:
+        if not frames:
+            continue
+        h, w = smart_resize(*image_size(frames[0]), factor, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+        total += -(-len(frames) // vision.temporal_patch_size) * (h * w // per_patch)
+    return total
+
+
 def _resize(frames: Tensor, height: int, width: int) -> Tensor:
     """Bicubic antialiased resize of uint8 [F, 3, H, W], bit-identical to torchvision's CPU path."""
     if tuple(frames.shape[-2:]) == (height, width):
@@ -190,13 +228,18 @@ def preprocess_video(
         frames = list(frames)
     if len(frames) == 0:
         raise InputError("video has no frames")
-    arrays = [load_image(f) for f in frames]
-    sizes = {a.shape for a in arrays}
-    if len(sizes) != 1:
-        raise InputError(f"all video frames must have one size, got {sorted(sizes)}")
+    # One frame decoded at a time and resized at once (the resize is per frame, so this equals
+    # resizing the stacked video): memory holds one full-size frame, not the whole video.
+    first = load_image(frames[0])
     factor = vision.patch_size * vision.spatial_merge_size
-    h, w = smart_resize(arrays[0].shape[0], arrays[0].shape[1], factor, min_pixels, max_pixels)
-    video = _normalize(_resize(_to_tensor(arrays), h, w))
+    h, w = smart_resize(first.shape[0], first.shape[1], factor, min_pixels, max_pixels)
+    resized = []
+    for i, frame in enumerate(frames):
+        array = first if i == 0 else load_image(frame)
+        if array.shape != first.shape:
+            raise InputError(f"all video frames must have one size, got {first.shape} and {array.shape}")
+        resized.append(_resize(_to_tensor([array]), h, w))
+    video = _normalize(torch.cat(resized))
     if pad := -video.shape[0] % vision.temporal_patch_size:
         video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
     patches, grid = _patchify(video, vision)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from m3export.artifacts import read_manifest
 from m3export.errors import ArtifactError, InputError
+from m3export.memory import require_memory, runtime_memory_bytes
 from m3export.spec import M3Spec
 from m3export.split.plan import SubgraphPlan
 
@@ -54,31 +55,20 @@ class Artifacts:
     manifest: dict[str, Any]
     spec: M3Spec
     plans: list[SubgraphPlan]
-
-    def onnx_path(self, plan: SubgraphPlan) -> Path:
-        path = self.root / plan.name / f"{plan.name}.onnx"
-        if not path.is_file():
-            raise ArtifactError(f"{self.root}: subgraph {plan.name} has no {plan.name}/{plan.name}.onnx")
-        return path
+    verified: Any = None  # m3export.integrity.VerifiedArtifacts: the files as hashed (pinned)
 
 
-def load_artifacts(root: str | os.PathLike) -> Artifacts:
+def load_artifacts(root: str | os.PathLike, key: bytes | None = None) -> Artifacts:
     """Verify the artifact directory as `check` does (seal, sha256 of every file, paths; ArtifactError,
     exit 3), then recreate the spec from the manifest and the plans the build exported."""
     from m3export.integrity import verify_artifacts
     from m3export.split.plan import plan_subgraphs
 
     root = Path(root)
-    spec = verify_artifacts(root).spec  # also checks the manifest's structure and its spec
+    verified = verify_artifacts(root, key=key)  # also checks the manifest's structure and its spec
     manifest = read_manifest(root)
-    built = manifest["subgraphs"]
-    plans = [p for p in plan_subgraphs(spec) if p.name in built]
-    missing = [p.name for p in plan_subgraphs(spec) if p.kind == "text" and p.name not in built]
-    if missing:
-        raise ArtifactError(
-            f"{root}: the build has no text subgraph(s) {missing} (built with --only?); rebuild them all"
-        )
-    return Artifacts(root, manifest, spec, plans)
+    plans = plan_subgraphs(verified.spec)  # verify_artifacts refused an incomplete build
+    return Artifacts(root, manifest, verified.spec, plans, verified)
 
 
 def prepare_inputs(
@@ -123,9 +113,11 @@ def prepare_inputs(
 def make_runners(arts: Artifacts, backend: str) -> dict[str, Any]:
     """One runner per built subgraph: ORT on the ONNX files, or torch on the eager stage wrappers."""
     if backend == "ort":
-        from m3export.runners.ort_runner import OrtRunner
+        from m3export.runners.ort_runner import require_onnxruntime
 
-        return {p.name: OrtRunner(arts.onnx_path(p)) for p in arts.plans}
+        require_onnxruntime(arts.manifest["runtime"]["onnxruntime"], arts.manifest["moe_lowering"])
+        subs = {s.name: s for s in arts.verified.subgraphs}
+        return {p.name: subs[p.name].ort_runner() for p in arts.plans}
     if backend == "trt":
         from m3export.runners.trt_runner import TrtRunner
         from m3export.trt.engine import tensorrt_unavailable
@@ -174,6 +166,7 @@ def run_artifacts(
     images: Sequence[str | os.PathLike] = (),
     logits_out: str | os.PathLike | None = None,
     videos: Sequence[str | os.PathLike] = (),
+    key: bytes | None = None,
 ) -> RunResult:
     """The `run` command: load the artifacts, prepare the prompt, run the chain, optionally save logits."""
     from dataclasses import replace
@@ -182,9 +175,11 @@ def run_artifacts(
 
     if backend not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    arts = load_artifacts(artifacts)
+    arts = load_artifacts(artifacts, key)
     out = _check_logits_path(Path(logits_out)) if logits_out is not None else None  # fail before running
     inp, n_images = prepare_inputs(arts.spec, input_ids, images, videos)
+    seq = int(inp["input_ids"].shape[1])
+    require_memory(runtime_memory_bytes(arts.spec, seq), f"run of a {seq}-token prompt")
     result = run_chain(arts, make_runners(arts, backend), inp, n_images, backend)
     if out is None:
         return result

@@ -27,6 +27,42 @@ and asserts that the copy is byte-for-byte unchanged, with no `.failed`, `.old` 
 |                                                   | ::test_external_data_outside_the_directory_exits_3, ...)   |
 | build killed with SIGKILL, then rebuilt           | test_sigkilled_build_keeps_out_then_rebuild_cleans_up      |
 |                                                   | test_up_to_date_build_removes_stale_staging                |
+
+Issue #11 (red-team pass), by item:
+
+| #  | finding                                                   | test                                                      |
+|----|-----------------------------------------------------------|-----------------------------------------------------------|
+| 0  | >2 text stages: renamed boundary output, chain forwarded  | test_stages.py::test_n_stage_build_matches_transformers[1/3/5], |
+|    | the stage's input                                         | test_plan.py::test_middle_stages_have_distinct_boundary_names, |
+|    |                                                           | test_red_team.py::test_chain_refuses_an_unplanned_or_missing_output |
+| 1  | spec without tolerances: no parity step, "pass"           | test_red_team.py::test_spec_without_tolerances_gets_the_dtype_defaults, |
+|    |                                                           | ::test_spec_from_hf_writes_the_default_tolerances, ::test_check_of_a_build_that_compared_nothing_fails |
+| 2  | absolute tolerances do not carry across checkpoints       | test_stages.py (5 stages: default, scale-free tolerances on a wide, larger-weight checkpoint) |
+| 3  | --out onto a non-build / inside a build / file / symlink  | test_outdir.py::test_non_build_directory_is_refused_and_untouched, ::test_current_directory_is_refused, |
+|    |                                                           | ::test_out_inside_another_build_is_refused, ::test_file_symlink_and_file_parent_are_refused, |
+|    |                                                           | ::test_foreign_file_inside_a_build_is_refused, ::test_failed_destination_that_is_not_a_build_is_refused |
+| 4  | concurrent builds into one OUT                            | test_outdir.py::test_concurrent_build_is_refused          |
+| 5  | kill between publish's renames                            | test_outdir.py::test_interrupted_publish_is_recovered, ::test_fallback_publish_killed_between_renames_keeps_the_old_build, |
+|    |                                                           | ::test_exchange_publish_never_leaves_out_missing          |
+| 6  | --only replaced a complete build by a partial one         | test_outdir.py::test_only_never_replaces_a_complete_build_by_a_partial_one |
+| 7  | check ignored the build's verdict; reproducible steps     | test_red_team.py::test_check_fails_a_build_that_recorded_a_failure, ::test_check_reruns_routing_and_generation |
+| 8  | check passed an incomplete build                          | test_red_team.py::test_check_refuses_an_incomplete_build  |
+| 9  | onnxruntime versions with other MoE semantics             | test_red_team.py::test_out_of_range_onnxruntime_is_refused[check/run/generate], |
+|    |                                                           | ::test_two_onnxruntime_distributions_are_refused, ::test_build_records_the_runtime_range_and_refuses_outside_it |
+| 10 | MTP draft / generated token = a placeholder id            | test_generate.py::test_a_placeholder_id_as_a_decode_token_is_embedded_like_transformers, |
+|    |                                                           | ::test_mtp_drafting_the_placeholder_id_matches_plain_greedy, ::test_red_team_prompt_generates_with_mtp |
+| 11 | spec from-hf tracebacks on malformed config / index / -o  | test_red_team.py::test_spec_from_hf_malformed_config_is_one_line[*], ::test_spec_from_hf_deep_json_bad_index_and_bad_output |
+| 12 | read-only FS, disk full, long name, --logits-out, stdout  | test_red_team.py::test_read_only_file_system_is_refused_before_any_work, ::test_too_little_disk_is_refused_before_any_work, |
+|    | full, broken pipe, usage boxes                            | ::test_disk_full_mid_build_leaves_nothing_and_keeps_out, ::test_spec_name_too_long_is_refused, |
+|    |                                                           | ::test_logits_out_onto_a_directory_is_refused, ::test_stdout_full_and_broken_pipe, ::test_usage_errors_are_one_line |
+| 13 | unreadable files; NUL / long / deep / mis-typed manifests | test_red_team.py::test_unreadable_artifact_file_is_exit_3, ::test_hostile_resealed_manifest_is_exit_3[*], |
+|    |                                                           | ::test_deeply_nested_manifest_is_exit_3                   |
+| 14 | absurd sizes, memory, huge spec file, long prompt, video  | test_red_team.py::test_absurd_sizes_are_refused_by_validate[*], ::test_memory_estimate_refuses_before_allocating, |
+|    |                                                           | ::test_huge_sparse_spec_file_is_refused_without_reading_it, ::test_prompt_longer_than_the_context_is_refused, |
+|    |                                                           | ::test_video_of_many_large_frames_is_refused_before_decoding |
+| 15 | unlisted files, TOCTOU swap, --report device, FIFO        | test_red_team.py::test_unlisted_files_rule, ::test_file_swapped_after_verification_is_not_what_runs, |
+|    |                                                           | ::test_report_onto_a_device_is_refused, ::test_fifo_checkpoint_is_refused |
+| 16 | the seal is a checksum: signing                           | test_red_team.py::test_signed_build_detects_tampering_that_the_seal_cannot |
 """
 
 from __future__ import annotations
@@ -358,7 +394,9 @@ def test_sigkilled_build_keeps_out_then_rebuild_cleans_up(
     assert _snapshot(good_out) == good_snapshot
     stale = _staging(good_out)
     assert len(stale) == 1 and (stale[0] / "vision").is_dir(), stale  # staged, never published
-    assert sorted(p.name for p in good_out.parent.iterdir()) == sorted([good_out.name, stale[0].name])
+    # Left beside OUT: the staging directory and the killed build's (unlocked) lock file.
+    left = sorted([good_out.name, stale[0].name, f".{good_out.name}.lock"])
+    assert sorted(p.name for p in good_out.parent.iterdir()) == left
     code, out, err = run_cli(["check", str(good_out)], capsys)
     assert code == 0, out + err
 

@@ -10,7 +10,7 @@ import pytest
 from clihelp import run_cli
 
 import m3export.ops.lowering as lowering_registry
-from m3export.artifacts import sha256_file
+from m3export.artifacts import SCHEMA_VERSION, sha256_file
 from m3export.ops.lowering_ort import make_ort_lowering
 from m3export.pipeline import build
 from m3export.spec import M3Spec
@@ -32,7 +32,7 @@ def test_build_ort_passes_and_writes_a_manifest(
         assert label in stdout
     assert "FAIL" not in stdout and "build m3-tiny: pass" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and manifest["status"] == "pass"
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["status"] == "pass"
     assert manifest["moe_lowering"] == "ort" and len(manifest["spec_hash"]) == 64
     subs = manifest["subgraphs"]
     assert set(subs) == {"vision", "text_0", "text_1", "mtp"}  # manifest keys are sorted
@@ -89,15 +89,14 @@ def test_planted_moe_layout_bug_fails_the_build_and_keeps_out(
     buggy = dataclasses.replace(make_ort_lowering(interleave_gate_up=False), name="ort")
     monkeypatch.setitem(lowering_registry._REGISTERED, "ort", buggy)
     out = tmp_path / "m3-tiny"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous good build")
+    out.mkdir()  # empty: --out may only replace an empty directory or an m3export build (issue #11)
     code, stdout, stderr = run_cli(["build", str(SPEC), "--out", str(out), "--only", "text_1"], capsys)
     assert code == 1, stdout + stderr
     assert "parity FAILED in text_1" in stderr
     # Localised: text_1 owns layers 2-3; both are MoE, so layer 2 is the first to diverge.
     assert "text_1 b2_s40_img2: first divergent layer layers.2" in stderr
     assert "FAIL" in stdout
-    assert (out / "keep.txt").read_text() == "previous good build"
+    assert out.is_dir() and not list(out.iterdir())  # the failed build was not published at OUT
     failed = json.loads((tmp_path / "m3-tiny.failed" / "manifest.json").read_text())
     assert failed["status"] == "fail"
     assert not all(r["passed"] for r in failed["subgraphs"]["text_1"]["parity"])

@@ -117,19 +117,20 @@ def test_chain_feeds_earlier_outputs_downstream(tiny: Path) -> None:
     class Perturbed(OrtRunner):
         def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = super().infer(feed)
-            if "hidden_states" in out and "input_ids" in feed:  # text_0
-                out["hidden_states"] = out["hidden_states"] + 1e-2
+            if "hidden_states.2" in out and "input_ids" in feed:  # text_0's boundary output
+                out["hidden_states.2"] = out["hidden_states.2"] + 1e-2
             return out
 
     arts = verify_artifacts(tiny)
     entries, skipped = run_parity(arts, lambda sub: Perturbed(sub.onnx), lambda _m: None)
-    assert not skipped
+    assert [s.split(" ")[0] for s in skipped] == ["split"]  # needs the eager model: never counted
     failing = {(e.report.step, e.report.subject) for e in entries if not e.report.passed}
     assert failing == {
         ("onnx", "text_0"),
         ("end_to_end", "text_0"),
         ("end_to_end", "text_1"),
         ("end_to_end", "mtp"),
+        ("generate", "pipeline"),  # greedy decoding through the perturbed text_0 emits other tokens
     }
 
 

@@ -148,3 +148,68 @@ def test_prompt_longer_than_the_spec_maximum(tiny_text_spec: M3Spec) -> None:
     prompt = {"input_ids": np.zeros((1, limit + 1), np.int64), "position_ids": np.arange(limit + 1)[None]}
     with pytest.raises(InputError, match="maximum length"):
         generate_tokens(tiny_text_spec, plan_subgraphs(tiny_text_spec), lambda p, f: {}, prompt, 4)
+
+
+# ------------------------------------------------------------------ placeholder ids (issue #11 item 10)
+
+
+def test_a_placeholder_id_as_a_decode_token_is_embedded_like_transformers(
+    tiny_build: Path, tiny_spec: M3Spec, hf_model: Any
+) -> None:
+    """A token equal to the image (or video) placeholder id fed after the prompt, with no pixels, is
+    embedded as an ordinary token, as transformers does (its splice runs only when pixels are given);
+    the ORT chain's decode step must give transformers' logits, not crash."""
+    from m3export.run import load_artifacts, make_runners, prepare_inputs
+    from m3export.runners.chain import run_chain
+
+    assert tiny_spec.multimodal is not None
+    arts = load_artifacts(tiny_build)
+    runners = make_runners(arts, "ort")
+    inp, _ = prepare_inputs(tiny_spec, TEXT)
+    prompt = {k: v.numpy() for k, v in inp.items()}
+    run = lambda plan, feed: runners[plan.name].infer(feed)  # noqa: E731
+    first = run_chain(arts.plans, prompt, run, hidden_size=tiny_spec.text.hidden_size)
+    seq = prompt["input_ids"].shape[1]
+    for token in (tiny_spec.multimodal.image_token_index, tiny_spec.multimodal.video_token_index):
+        step = {"input_ids": np.array([[token]]), "position_ids": np.array([[seq]])}
+        got = run_chain(arts.plans, step, run, first.cache, hidden_size=tiny_spec.text.hidden_size)
+        ids = torch.cat([inp["input_ids"], torch.tensor([[token]])], dim=1)
+        with torch.no_grad():
+            want = hf_model(input_ids=ids).logits[0, -1].numpy()
+        np.testing.assert_allclose(got.values["logits"][0, -1], want, atol=2e-5)
+
+
+def test_mtp_drafting_the_placeholder_id_matches_plain_greedy(tiny_build: Path, tiny_spec: M3Spec) -> None:
+    """The red-team prompt drafted the image placeholder id and crashed in ScatterND; every draft
+    forced to the placeholder id must still give exactly the plain greedy tokens."""
+    from m3export.run import load_artifacts, make_runners, prepare_inputs
+
+    assert tiny_spec.multimodal is not None
+    image_id = tiny_spec.multimodal.image_token_index
+    arts = load_artifacts(tiny_build)
+    runners = make_runners(arts, "ort")
+
+    def run(plan: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = runners[plan.name].infer(feed)
+        if plan.kind == "mtp":  # every draft is the placeholder id
+            out["mtp_logits.0"] = (
+                np.where(np.arange(out["mtp_logits.0"].shape[-1]) == image_id, 1e9, 0.0)[None, None]
+                .repeat(out["mtp_logits.0"].shape[1], 1)
+                .astype(np.float32)
+            )
+        return out
+
+    inp, _ = prepare_inputs(tiny_spec, "456,889,536,269")
+    prompt = {k: v.numpy() for k, v in inp.items()}
+    plain = generate_tokens(arts.spec, arts.plans, run, prompt, 32)
+    spec_dec = generate_tokens(arts.spec, arts.plans, run, prompt, 32, mtp=True)
+    assert spec_dec.drafted > 0 and spec_dec.tokens == plain.tokens
+
+
+def test_red_team_prompt_generates_with_mtp(tiny_build: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(
+        ["generate", str(tiny_build), "--input-ids", "456,889,536,269", "--mtp", "--max-new-tokens", "32"],
+        capsys,
+    )
+    assert code == 0 and "Traceback" not in err, err
+    assert len(out.split()) == 32

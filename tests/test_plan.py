@@ -23,7 +23,7 @@ def test_tiny_plan() -> None:
     # Layer 0 is full attention (key/value cache), layers 1-3 MSA (plus the index-key cache, §2.3).
     cache0 = ["past.0.key", "past.0.value", "past.1.key", "past.1.value", "past.1.index_key"]
     assert t0.input_names == ["input_ids", "image_features", "video_features", "position_ids", *cache0]
-    assert t0.output_names == ["hidden_states", *(n.replace("past", "present") for n in cache0)]
+    assert t0.output_names == ["hidden_states.2", *(n.replace("past", "present") for n in cache0)]
     cache1 = [
         "past.2.key",
         "past.2.value",
@@ -32,7 +32,7 @@ def test_tiny_plan() -> None:
         "past.3.value",
         "past.3.index_key",
     ]
-    assert t1.input_names == ["hidden_states", "position_ids", *cache1]
+    assert t1.input_names == ["hidden_states.2", "position_ids", *cache1]
     assert t1.output_names == [
         "logits",
         "final_hidden_states",
@@ -87,3 +87,18 @@ def test_stage_metas() -> None:
     ins, outs = get_pipeline_stage_metas(spec, is_first=False, is_last=True, microbatch_size=1, seq_len=8)
     assert [(s.name, s.dims) for s in ins] == [("hidden_states", (1, 8, 128))]
     assert [(s.name, s.dims) for s in outs] == [("logits", (1, 8, 1024))]
+
+
+@pytest.mark.parametrize("stages", [3, 4])
+def test_middle_stages_have_distinct_boundary_names(stages: int) -> None:
+    """A middle stage takes and emits the residual stream: one name per boundary (`hidden_states.{layer}`,
+    the stream entering that layer), so no graph holds an input and an output of the same name."""
+    data = yaml.safe_load((SPECS / "m3-tiny.yaml").read_text())
+    data["pipeline"] = {"num_text_stages": stages}
+    plans = [p for p in plan_subgraphs(parse_spec(data)) if p.kind == "text"]
+    assert len(plans) == stages
+    for prev, nxt in zip(plans, plans[1:], strict=False):
+        boundary = f"hidden_states.{nxt.layers[0]}"
+        assert prev.output_names[0] == boundary and nxt.input_names[0] == boundary
+    for p in plans:
+        assert not set(p.input_names) & set(p.output_names)

@@ -57,7 +57,12 @@ def _set(d: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     return d
 
 
-_DELETE = object()
+class _Deleted:
+    def __repr__(self) -> str:  # a stable test id (pytest-xdist workers must collect the same ids)
+        return "<deleted>"
+
+
+_DELETE = _Deleted()
 
 # (mutation path, value, text that must appear in the one-line error)
 MALFORMED = [

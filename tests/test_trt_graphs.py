@@ -320,7 +320,7 @@ def test_manifest_entry_records_plugin_profile_and_files(built: Any) -> None:
     (plugin,) = entry["plugins"]
     assert plugin["id"] == M3_MOE_PLUGIN.plugin_id and plugin["digest"] == M3_MOE_PLUGIN.digest()
     p = spec.export.trt.profiles
-    assert entry["profile"]["hidden_states"] == [
+    assert entry["profile"]["hidden_states.3"] == [  # text_1 (layers 3-4) takes the stream entering layer 3
         [p.batch.min, p.seq.min, spec.text.hidden_size],
         [p.batch.opt, p.seq.opt, spec.text.hidden_size],
         [p.batch.max, p.seq.max, spec.text.hidden_size],

@@ -105,6 +105,7 @@ def export_onnx(
     program.save(out_path, external_data=True)
 
     model = onnx.load(out_path, load_external_data=False)
+    _check_io_names(model, list(inputs), list(output_names))
     _check_dynamic_axes(model, dynamic_axes)
     assert program.exported_program is not None
     num_moe = sum(1 for n in program.exported_program.graph.nodes if n.target is torch.ops.m3.moe.default)
@@ -140,6 +141,21 @@ def _fold_tagged(model: object) -> None:
     for node in model.graph.all_nodes():
         if node.metadata_props.pop(FOLD_KEY, None) is not None:
             raise AssertionError(f"weight transform {node.op_type} ({node.name}) could not be folded")
+
+
+def _check_io_names(model: object, inputs: list[str], outputs: list[str]) -> None:
+    """The graph's I/O are exactly the names asked for, in order: the exporter renames an output that
+    clashes with an input (`x` -> `x_1`) and drops unused inputs without an error."""
+    import onnx
+
+    assert isinstance(model, onnx.ModelProto)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != inputs or got_out != outputs:
+        raise ValueError(
+            f"exported graph I/O differ from the plan: inputs {got_in} (want {inputs}), "
+            f"outputs {got_out} (want {outputs})"
+        )
 
 
 def _check_dynamic_axes(model: object, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:

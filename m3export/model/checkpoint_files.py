@@ -125,8 +125,15 @@ def _refuse_pickle(path: Path) -> None:
 
 def read_header(path: Path) -> dict[str, DiskTensor]:
     """Tensors of one safetensors file; a truncated file or a corrupted header raises CheckpointError."""
+    import stat
+
     from safetensors import safe_open
 
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the reader forever
+            raise CheckpointError(f"{path}: not a regular file")
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it ({err.strerror})") from None
     try:  # the reference parser: checks header size, JSON, dtypes, and that offsets cover the file
         with safe_open(str(path), framework="pt"):
             pass

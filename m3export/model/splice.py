@@ -7,14 +7,24 @@ from torch import Tensor
 
 
 def splice_features(embeds: Tensor, input_ids: Tensor, features: Tensor, token_id: int) -> Tensor:
-    """Replace the rows of embeds [B, S, H] where input_ids == token_id by features [N, H], in
-    flattened (batch-major, then sequence) order. Graph-friendly: no host sync, no count check —
-    callers validate the count first (`check_placeholder_count`)."""
+    """embeds [B, S, H] with the k-th placeholder (input_ids == token_id, flattened batch-major order)
+    replaced by features[k] for k < N = len(features); placeholders beyond N keep their embedding.
+
+    With N equal to the placeholder count (a prompt; callers check it, `check_placeholder_count`) every
+    placeholder takes its feature. With N = 0 (a decode step, or a generated token that happens to be the
+    placeholder id) the token is embedded like any other, as transformers does when no pixels are given.
+    Static-shape ops only (CumSum, Gather, Where): no NonZero / ScatterND, which TensorRT's parser
+    imports only through a plugin the pip wheels lack (export-notes §1).
+    """
+    b, s, h = embeds.shape
+    flat = embeds.reshape(-1, h)
     mask = (input_ids == token_id).reshape(-1)
-    flat = embeds.reshape(-1, embeds.shape[-1])
-    idx = torch.nonzero(mask).reshape(-1)
-    out = flat.index_put((idx,), features.to(embeds.dtype))
-    return out.reshape(embeds.shape)
+    index = torch.cumsum(mask.to(torch.int64), 0) - 1  # the feature each placeholder takes
+    n = features.shape[0]
+    take = mask & (index < n)
+    padded = torch.cat((features.to(embeds.dtype), flat.new_zeros(1, h)))  # row n: never taken
+    gathered = padded.index_select(0, torch.where(take, index, torch.full_like(index, n)))
+    return torch.where(take[:, None], gathered, flat).reshape(b, s, h)
 
 
 def count_placeholders(input_ids: Tensor, token_id: int) -> int:

@@ -42,12 +42,15 @@ class MoELowering:
       scalars as Python numbers) inside an onnxscript tracing context; returns the [T, H] output.
     custom_nodes: the (domain, op_type) pairs outside the default ONNX domain it may emit, with
       the exact number each MoE op produces.
+    onnxruntime: the onnxruntime versions (a PEP 440 specifier) on which the lowered graph computes
+      `m3::moe` exactly, as measured; recorded in every build and enforced before a graph is run.
     """
 
     name: str
     summary: str
     translate: Callable[..., Any]
     custom_nodes: dict[tuple[str, str], int] = field(default_factory=dict)
+    onnxruntime: str = ""
 
     def translation_table(self) -> dict[Callable[..., Any], Callable[..., Any]]:
         import torch

@@ -24,6 +24,11 @@ from typing import Any
 from m3export.ops.lowering import MoELowering, mark_fold, onnx_ops, onnx_route, static_dims
 
 DOMAIN = "com.microsoft"
+# Exact on 1.32 (measured, export-notes §4). Up to 1.31 the CPU kernel uses router_probs as given:
+# top-k of the raw values, those values as the weights, experts with weight <= 0 skipped, so the
+# log-probabilities fed here drop every routed expert (errors of 0.1-0.46, no error raised); 1.32
+# applies a softmax over all experts first. Versions after 1.32 are unverified until measured.
+ORT_RANGE = ">=1.32,<1.33"
 # Far below any log(sigmoid) yet finite in fp32/bf16, so the op's softmax gives exactly 0 there.
 _NEG_FP32 = -1e30
 _NEG_FP16 = -6.0e4
@@ -161,6 +166,7 @@ def make_ort_lowering(*, interleave_gate_up: bool = True, apply_routed_scaling: 
             _translate,
         ),
         custom_nodes={(DOMAIN, "MoE"): 1},
+        onnxruntime=ORT_RANGE,
     )
 
 

@@ -73,4 +73,6 @@ PORTABLE_LOWERING = MoELowering(
     summary="default-domain ONNX only: all experts densely, mixed by a scattered [T, E] weight matrix",
     translate=_translate,
     custom_nodes={},
+    # Standard ops only: exact from 1.23 (1.22 lacks opset 23) to 1.32, measured (export-notes §4).
+    onnxruntime=">=1.23,<1.33",
 )

@@ -1,6 +1,7 @@
 """Compare two sets of named outputs against a spec `Tolerance` and produce a `ParityReport`.
 
-Metrics (computed in float64): max abs error, max relative error (|a-b| / max(|b|, tiny)), cosine
+Metrics (computed in float64): max abs error, the scale-free max abs error / max |reference|, max
+relative error (|a-b| / max(|b|, tiny)), cosine
 similarity of the flattened tensors, top-1 agreement along the last axis (for logits), and routing
 agreement (fraction of rows whose selected expert SET matches, for int [T, k] selections).
 """
@@ -30,6 +31,8 @@ class OutputParity:
     top1_agreement: float | None
     routing_agreement: float | None
     failures: tuple[str, ...]
+    ref_peak: float = 0.0  # max |reference|: max_abs / ref_peak is the scale-free error
+    max_abs_scaled: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -90,7 +93,16 @@ def compare_output(
     failures: list[str] = []
     if actual.shape != expected.shape:
         return OutputParity(
-            name, kind, np.inf, np.inf, -1.0, None, None, (f"shape {actual.shape} != {expected.shape}",)
+            name,
+            kind,
+            np.inf,
+            np.inf,
+            -1.0,
+            None,
+            None,
+            (f"shape {actual.shape} != {expected.shape}",),
+            0.0,
+            np.inf,
         )
     if kind == "routing":
         agree = _routing_agreement(actual, expected)
@@ -103,6 +115,8 @@ def compare_output(
         failures.append("non-finite values")
     diff = np.abs(a - e)
     max_abs = float(diff.max()) if diff.size else 0.0
+    peak = float(np.abs(e).max()) if e.size else 0.0
+    scaled = max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else np.inf)
     max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max()) if diff.size else 0.0
     na, ne = np.linalg.norm(a), np.linalg.norm(e)
     cosine = float(np.dot(a.ravel(), e.ravel()) / (na * ne)) if na > 0 and ne > 0 else float(na == ne)
@@ -110,18 +124,31 @@ def compare_output(
     if kind == "logits" and a.size:
         top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(e, axis=-1)))
     # An element fails only if it exceeds both atol and rtol (Polygraphy semantics) when max_rel is set.
-    if tol.max_rel is None:
-        if max_abs > tol.max_abs:
-            failures.append(f"max abs {max_abs:.3g} > {tol.max_abs:.3g}")
-    elif np.any((diff > tol.max_abs) & (diff > tol.max_rel * np.abs(e))):
+    if tol.max_abs is not None:
+        if tol.max_rel is None:
+            if max_abs > tol.max_abs:
+                failures.append(f"max abs {max_abs:.3g} > {tol.max_abs:.3g}")
+        elif np.any((diff > tol.max_abs) & (diff > tol.max_rel * np.abs(e))):
+            failures.append(
+                f"max abs {max_abs:.3g} > {tol.max_abs:.3g} and max rel {max_rel:.3g} > {tol.max_rel:.3g}"
+            )
+    if tol.max_abs_scaled is not None and not scaled <= tol.max_abs_scaled:
         failures.append(
-            f"max abs {max_abs:.3g} > {tol.max_abs:.3g} and max rel {max_rel:.3g} > {tol.max_rel:.3g}"
+            f"max abs / max |ref| {scaled:.3g} > {tol.max_abs_scaled:.3g} (max abs {max_abs:.3g})"
         )
     if tol.min_cosine is not None and cosine < tol.min_cosine:
         failures.append(f"cosine {cosine:.6f} < {tol.min_cosine}")
     if top1 is not None and tol.min_top1_agreement is not None and top1 < tol.min_top1_agreement:
         failures.append(f"top-1 agreement {top1:.4f} < {tol.min_top1_agreement}")
-    return OutputParity(name, kind, max_abs, max_rel, cosine, top1, None, tuple(failures))
+    return OutputParity(name, kind, max_abs, max_rel, cosine, top1, None, tuple(failures), peak, scaled)
+
+
+def describe_bound(tol: Tolerance) -> str:
+    """The error bound of a tolerance in words, e.g. `max_abs 1e-05` or `max_abs_scaled 2e-05`."""
+    parts = [f"max_abs {tol.max_abs:g}"] if tol.max_abs is not None else []
+    if tol.max_abs_scaled is not None:
+        parts.append(f"max_abs_scaled {tol.max_abs_scaled:g}")
+    return " and ".join(parts)
 
 
 def kinds_by_name(names: Sequence[str]) -> dict[str, Kind]:
@@ -144,7 +171,18 @@ def compare_outputs(
     for name, exp in expected.items():
         if name not in actual:
             results.append(
-                OutputParity(name, kinds.get(name, "tensor"), np.inf, np.inf, -1.0, None, None, ("missing",))
+                OutputParity(
+                    name,
+                    kinds.get(name, "tensor"),
+                    np.inf,
+                    np.inf,
+                    -1.0,
+                    None,
+                    None,
+                    ("missing",),
+                    0.0,
+                    np.inf,
+                )
             )
             continue
         results.append(

@@ -31,6 +31,13 @@ def register_text_only_conversion() -> None:
     register_checkpoint_conversion_mapping("MiniMaxM3VLForCausalLM", text, overwrite=True)
 
 
+def _is_vl_checkpoint(path: Path) -> bool:
+    from m3export.model.checkpoint_files import read_checkpoint
+    from m3export.model.hf_keys import VL_TEXT_PREFIX
+
+    return any(k.startswith(VL_TEXT_PREFIX) for k in read_checkpoint(Path(path)))
+
+
 def hf_greedy(
     spec: M3Spec, model: nn.Module, prompts: Sequence[dict[str, np.ndarray]], max_new_tokens: int
 ) -> list[list[int]]:
@@ -40,13 +47,11 @@ def hf_greedy(
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if not spec.is_vl:
+    # The class follows the checkpoint's layout: a text-only spec may read a VL checkpoint (§6.1).
+    vl = spec.is_vl or (spec.weights.checkpoint is not None and _is_vl_checkpoint(spec.weights.checkpoint))
+    if not vl:
         register_text_only_conversion()
-    cls = (
-        transformers.MiniMaxM3SparseForConditionalGeneration
-        if spec.is_vl
-        else transformers.MiniMaxM3VLForCausalLM
-    )
+    cls = transformers.MiniMaxM3SparseForConditionalGeneration if vl else transformers.MiniMaxM3VLForCausalLM
     with tempfile.TemporaryDirectory(prefix="m3export-hf-") as tmp:
         if spec.weights.checkpoint is not None:
             path = Path(spec.weights.checkpoint)

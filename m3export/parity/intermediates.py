@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from m3export.errors import ArtifactError
-from m3export.parity.compare import Kind, OutputParity, ParityReport, compare_output, compare_outputs
+from m3export.parity.compare import (
+    Kind,
+    OutputParity,
+    ParityReport,
+    compare_output,
+    compare_outputs,
+    describe_bound,
+)
 from m3export.spec.models import Tolerance
 
 if TYPE_CHECKING:
@@ -83,24 +90,49 @@ class ExposedGraph:
     names: dict[str, str]  # debug output -> the graph value it copies, in graph order
     path: Path | None = None  # where the copy was written, None when it lives in memory only
 
-    def runner(self, providers: list[str] | None = None) -> OrtRunner:
-        """onnxruntime on the copy: `infer(feed)` returns the graph outputs and every `debug.*`."""
+    def runner(
+        self, providers: list[str] | None = None, pinned_data: Mapping[str, Any] | None = None
+    ) -> OrtRunner:
+        """onnxruntime on the copy: `infer(feed)` returns the graph outputs and every `debug.*`. With
+        `pinned_data` (location -> `PinnedFile`) the weights come from those verified descriptors."""
         from m3export.runners.ort_runner import OrtRunner
 
+        if pinned_data is not None:
+            return OrtRunner.from_pinned(
+                _Bytes(self.model.SerializeToString(), self.path), dict(pinned_data), "ort:debug"
+            )
         return OrtRunner(self.model.SerializeToString(), providers, external_data_dir=self.weights_dir)
 
 
-def expose_intermediates(onnx_path: str | Path, out_path: str | Path | None = None) -> ExposedGraph:
+@dataclass(frozen=True)
+class _Bytes:
+    """A serialized graph in memory, with the `read()` / `path` of a PinnedFile."""
+
+    data: bytes
+    path: Path | None
+
+    def read(self) -> bytes:
+        return self.data
+
+
+def expose_intermediates(
+    onnx_path: str | Path, out_path: str | Path | None = None, graph_bytes: bytes | None = None
+) -> ExposedGraph:
     """Copy of an exported graph whose extra outputs are each layer's `debug.*` values.
 
     The weights are not loaded or copied: the copy keeps the original's external-data references.
     With `out_path` (in the original's directory, so the references resolve) the copy is written
-    there; otherwise it stays in memory (`ExposedGraph.runner()` runs it either way).
+    there; otherwise it stays in memory (`ExposedGraph.runner()` runs it either way). `graph_bytes`:
+    the graph as already read (and verified), instead of reading `onnx_path` again.
     """
     import onnx
 
     src = Path(onnx_path)
-    model = onnx.load(src, load_external_data=False)
+    model = (
+        onnx.load_from_string(graph_bytes)
+        if graph_bytes is not None
+        else onnx.load(src, load_external_data=False)
+    )
     names = find_intermediates(model)
     _add_outputs(model, names)
     path = None
@@ -412,7 +444,7 @@ def describe_divergence(errors: Sequence[LayerError], tol: Tolerance) -> str:
     """One line for a failed parity report: where the error first exceeds the tolerance."""
     first = first_divergent_layer(errors)
     if first is None:
-        return f"every layer output is within max_abs {tol.max_abs:g}: the error arises after the last layer"
+        return f"every layer output is within {describe_bound(tol)}: the error arises after the last layer"
     parts = ", ".join(f"{p} {v:.3g}" for p, v in first.parts.items())
     routing = "" if first.routing_agreement is None else f", routing agreement {first.routing_agreement:.4f}"
     return f"first divergent layer {first.layer}: max abs {first.max_abs:.3g} ({parts}{routing})"

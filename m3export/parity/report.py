@@ -72,7 +72,14 @@ def report_paths(path: str | os.PathLike[str]) -> ReportPaths:
         )
     if p.exists() and p.is_dir():
         raise InputError(f"--report {p}: is a directory; give a file name such as {p / 'check.json'}")
-    return ReportPaths(p, p.with_suffix(".xml"), p.with_suffix(".md"), p.with_suffix(".png"))
+    paths = ReportPaths(p, p.with_suffix(".xml"), p.with_suffix(".md"), p.with_suffix(".png"))
+    for f in paths.all():  # a report replaces earlier reports, never a device, FIFO, link or directory
+        if f.is_symlink() or (f.exists() and not f.is_file()):
+            raise InputError(f"--report {p}: {f} exists and is not a regular file; refusing to replace it")
+    parent = next((a for a in [p.parent, *p.parent.parents] if a.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise InputError(f"--report {p}: {parent} is not a writable directory")
+    return paths
 
 
 def write_reports(doc: dict[str, Any], path: str | os.PathLike[str]) -> tuple[Path, ...]:
@@ -121,6 +128,18 @@ def _num(x: Any) -> float:
     return float(x) if x is not None else math.nan  # "inf" strings of a re-read report parse too
 
 
+def bound(entry: dict[str, Any]) -> float:
+    """The absolute error bound an entry was held to: its tolerance's `max_abs`, or `max_abs_scaled`
+    times the largest reference magnitude among its outputs (nan when neither applies)."""
+    tol = entry.get("tolerance") or {}
+    if tol.get("max_abs") is not None:
+        return _num(tol["max_abs"])
+    if tol.get("max_abs_scaled") is not None:
+        peaks = [_num(o.get("ref_peak", 0.0)) for o in entry.get("outputs") or []]
+        return _num(tol["max_abs_scaled"]) * max(peaks, default=math.nan)
+    return math.nan
+
+
 def worst_max_abs(entry: dict[str, Any]) -> float:
     """Largest max_abs over the entry's outputs; inf when it has no outputs (a runner error)."""
     outs = entry.get("outputs") or []
@@ -142,7 +161,7 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, ...]]:
     """(step, subgraph, case, output, max_abs, tolerance, cosine, result) per output of every entry."""
     rows: list[tuple[str, ...]] = []
     for e in doc.get("results", []):
-        tol = f"{_num(e['tolerance'].get('max_abs')):.3g}"
+        tol = f"{bound(e):.3g}"
         if e.get("error") or not e.get("outputs"):
             rows.append((e["step"], e["subject"], e["case"], "-", "-", tol, "-", f"FAIL ({e.get('error')})"))
             continue
@@ -245,7 +264,7 @@ def markdown(doc: dict[str, Any], plot_name: str | None = None) -> str:
         ]
         for e in results:
             worst = max(e.get("outputs") or [], key=lambda o: _num(o["max_abs"]), default=None)
-            tol = _num(e["tolerance"].get("max_abs"))
+            tol = bound(e)
             m = worst_max_abs(e)
             ratio = f"{m / tol:.3g}" if tol > 0 and math.isfinite(m) else "-"
             verdict = "pass" if e["passed"] else "**FAIL**: " + "; ".join(entry_failures(e)).replace("|", "/")
@@ -300,8 +319,7 @@ def write_plot(doc: dict[str, Any], path: Path) -> None:
     finite = [
         v
         for e in results
-        for v in [worst_max_abs(e), _num(e["tolerance"].get("max_abs"))]
-        + [_num(lay["max_abs"]) for lay in e.get("layers", [])]
+        for v in [worst_max_abs(e), bound(e)] + [_num(lay["max_abs"]) for lay in e.get("layers", [])]
         if math.isfinite(v) and v > 0
     ]
     floor = min(finite, default=1e-6) / 10
@@ -330,10 +348,10 @@ def _plot_step(
         if bad:
             ax.scatter(*zip(*bad, strict=True), marker="x", s=80, color="red", zorder=3)
     for i, subject in enumerate(subjects):
-        tols = {_num(e["tolerance"].get("max_abs")) for e in entries if e["subject"] == subject}
+        tols = {b for e in entries if e["subject"] == subject if math.isfinite(b := bound(e))}
         for tol in tols:
             ax.hlines(max(tol, floor), i - 0.4, i + 0.4, colors="black", linestyles="--")
-    ax.plot([], [], "k--", label="tolerance max_abs")
+    ax.plot([], [], "k--", label="tolerance (absolute bound)")
     ax.plot([], [], "rx", label="failed")
     ax.set_yscale("log")
     ax.set_ylim(floor, ceil * 1.5)

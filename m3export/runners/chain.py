@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from m3export.errors import ArtifactError
 from m3export.split.plan import SubgraphPlan
 
 Run = Callable[[SubgraphPlan, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -82,6 +83,24 @@ def _vision_feeds(values: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarr
     return feeds
 
 
+class ChainError(ArtifactError):
+    """A subgraph's graph does not produce exactly its planned outputs (or lacks a planned input):
+    the chain refuses to go on rather than forward a stale value."""
+
+
+def checked_outputs(plan: SubgraphPlan, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`outputs` if they are exactly the plan's outputs; ChainError naming the difference otherwise."""
+    want = plan.output_names
+    missing = [n for n in want if n not in outputs]
+    unplanned = sorted(set(outputs) - set(want))
+    if missing or unplanned:
+        raise ChainError(
+            f"subgraph {plan.name}: its graph produced {sorted(outputs)}, the plan declares {want} "
+            f"(missing {missing}, unplanned {unplanned}); rebuild the artifacts"
+        )
+    return outputs
+
+
 def run_chain(
     plans: Sequence[SubgraphPlan],
     inputs: dict[str, np.ndarray],
@@ -106,13 +125,18 @@ def run_chain(
             for media, feed in _vision_feeds(values).items():
                 name = plan.name if media == "image" else f"{plan.name}:{media}"
                 feeds[name] = feed
-                values[f"{media}_features"] = run(plan, feed)["image_features"]
+                values[f"{media}_features"] = checked_outputs(plan, run(plan, feed))["image_features"]
             for media in ("image", "video"):
                 values.setdefault(f"{media}_features", np.zeros((0, hidden_size), np.float32))
             continue
+        missing = [n for n in plan.input_names if n not in values]
+        if missing:
+            raise ChainError(
+                f"subgraph {plan.name}: planned inputs {missing} are produced by no earlier subgraph"
+            )
         feed = {n: values[n] for n in plan.input_names}
         feeds[plan.name] = feed
-        values.update(run(plan, feed))
+        values.update(checked_outputs(plan, run(plan, feed)))
     new_cache = {"past." + k[len("present.") :]: v for k, v in values.items() if k.startswith("present.")}
     return ChainResult(values, feeds, new_cache)
 

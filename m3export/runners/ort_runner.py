@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from m3export.errors import ArtifactError
+from m3export.errors import ArtifactError, RuntimeVersionError
 
 
 class OrtRunner:
@@ -42,9 +43,103 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    @classmethod
+    def from_pinned(cls, graph: Any, data: dict[str, Any], name: str) -> OrtRunner:
+        """A runner on pinned files (`m3export.artifacts.PinnedFile`): the graph's bytes and its external
+        data files (by location) read through the descriptors that were hashed, never by name again."""
+        import onnxruntime as ort
+
+        runner = cls.__new__(cls)
+        runner.name = name
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        maps = {loc: f.mapping() for loc, f in data.items()}
+        buffers = [np.frombuffer(m, dtype=np.uint8) for m in maps.values()]
+        try:
+            if maps:
+                opts.add_external_initializers_from_files_in_memory(
+                    list(maps), buffers, [len(b) for b in buffers]
+                )
+            # ORT copies what it needs from the buffers while the session is created (its docs).
+            runner.session = ort.InferenceSession(
+                graph.read(), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises bare RuntimeErrors/Fail for unreadable models
+            raise ArtifactError(
+                f"{graph.path}: onnxruntime cannot load it: {str(err).splitlines()[0]}"
+            ) from None
+        finally:
+            del buffers  # release the views before the maps are closed
+            for m in maps.values():
+                if not isinstance(m, bytes):
+                    m.close()
+        runner.input_names = [i.name for i in runner.session.get_inputs()]
+        runner.output_names = [o.name for o in runner.session.get_outputs()]
+        return runner
+
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise ValueError(f"{self.name}: missing inputs {missing}")
         outs = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
         return dict(zip(self.output_names, outs, strict=True))
+
+
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
+
+
+def installed_onnxruntime() -> tuple[str, list[str]]:
+    """(the imported onnxruntime's version, every ONNX Runtime distribution installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime
+
+    found = []
+    for dist in ORT_DISTRIBUTIONS:
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return str(onnxruntime.__version__), found
+
+
+def onnxruntime_problem(valid: str, lowering: str, installed: str | None = None) -> str | None:
+    """Why the installed onnxruntime must not run graphs of `lowering` valid on `valid` (a PEP 440
+    specifier), or None. Graphs on a runtime outside their measured range compute wrong numbers
+    silently (export-notes §4), so they are refused, naming the lowerings that would work."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    from m3export.ops.lowering import get_lowering, lowering_names
+
+    have, dists = installed_onnxruntime()
+    have = installed or have
+    if installed is None and len(dists) > 1:
+        return (
+            f"several ONNX Runtime distributions are installed ({', '.join(dists)}); they share one module, "
+            "so which one runs is undefined: uninstall all but one"
+        )
+    try:
+        ok = Version(have) in SpecifierSet(valid)
+    except (InvalidSpecifier, InvalidVersion):
+        return f"onnxruntime {have}: cannot check it against the recorded range {valid!r}"
+    if ok:
+        return None
+    others = []
+    for name in lowering_names():
+        rng = get_lowering(name).onnxruntime
+        if name != lowering and rng and Version(have) in SpecifierSet(rng):
+            others.append(f"export.moe: {name} (valid on onnxruntime {rng})")
+    fix = f"; or rebuild with {' or '.join(others)}" if others else ""
+    return (
+        f"onnxruntime {have} is installed, but graphs with the {lowering!r} MoE lowering are valid on "
+        f"onnxruntime {valid} only (outside it they compute wrong numbers without an error, "
+        f"export-notes §4): pip install 'onnxruntime{valid}'{fix}"
+    )
+
+
+def require_onnxruntime(valid: str, lowering: str) -> None:
+    """RuntimeVersionError (one line, exit 2) unless the installed onnxruntime may run these graphs."""
+    problem = onnxruntime_problem(valid, lowering)
+    if problem is not None:
+        raise RuntimeVersionError(problem)

@@ -54,9 +54,17 @@ def parse_spec(data: Any, source: str = "<spec>") -> M3Spec:
 def load_spec(path: str | Path) -> M3Spec:
     """Read and validate a YAML spec file."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{p}: spec file not found")
-    raw = p.read_bytes()
+    try:
+        if not p.exists():
+            raise SpecError(f"{p}: spec file not found")
+        if not p.is_file():  # a directory, FIFO or device: reading it could hang or never end
+            raise SpecError(f"{p}: not a regular file")
+        if p.stat().st_size > _MAX_SPEC_BYTES:  # before reading: a sparse 8 GiB file is cheap to stat
+            raise SpecError(f"{p}: spec file is larger than {_MAX_SPEC_BYTES} bytes")
+        with p.open("rb") as f:
+            raw = f.read(_MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"{p}: cannot read the spec file ({err.strerror})") from None
     if len(raw) > _MAX_SPEC_BYTES:
         raise SpecError(f"{p}: spec file is larger than {_MAX_SPEC_BYTES} bytes")
     try:
@@ -151,26 +159,56 @@ _MM_KEYS = [
 ]
 
 
-def _text_from_hf(tc: dict[str, Any]) -> dict[str, Any]:
+_MAX_LAYERS = 4096
+
+
+def _typed(cfg: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    """cfg[key] when absent/None or of `types` (bool never counts as a number); SpecError otherwise."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    numeric = types in (int, float, (int, float))
+    if (isinstance(value, bool) and numeric) or not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise SpecError(f"{where}: {key} must be {names}, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _str_list(cfg: dict[str, Any], key: str, where: str) -> list[str] | None:
+    value = _typed(cfg, key, list, where)
+    if value is not None and not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{where}: {key} must be a list of strings")
+    return value
+
+
+def _text_from_hf(tc: dict[str, Any], where: str) -> dict[str, Any]:
     out = {k: tc[k] for k in _TEXT_KEYS if k in tc and tc[k] is not None}
-    rope = tc.get("rope_parameters") or {}
+    n = _typed(tc, "num_hidden_layers", int, where) or 0
+    if not 0 < n <= _MAX_LAYERS:
+        raise SpecError(f"{where}: num_hidden_layers must be an integer in [1, {_MAX_LAYERS}], got {n}")
+    rope = _typed(tc, "rope_parameters", dict, where) or {}
     if "rope_theta" not in out and "rope_theta" in rope:
         out["rope_theta"] = rope["rope_theta"]
     if "rotary_dim" not in out:
         factor = tc.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
-        if factor is not None and "head_dim" in out:
-            out["rotary_dim"] = round(out["head_dim"] * factor)
-    if isinstance(out.get("eos_token_id"), list):
-        out["eos_token_id"] = out["eos_token_id"][0]
+        head_dim = _typed(tc, "head_dim", int, where)
+        if factor is not None and head_dim is not None:
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0 < factor <= 1:
+                raise SpecError(f"{where}: partial_rotary_factor must be a number in (0, 1], got {factor!r}")
+            out["rotary_dim"] = round(head_dim * factor)
+    eos = tc.get("eos_token_id")
+    if isinstance(eos, list):
+        if not eos or not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+            raise SpecError(f"{where}: eos_token_id must be an integer or a non-empty list of integers")
+        out["eos_token_id"] = eos[0]
     if out.get("hidden_act") == "silu":  # newer HF port rewrites swigluoai to silu (§1.2)
         out["hidden_act"] = "swigluoai"
     if "moe_layer_freq" not in out:
-        mlp_types = tc.get("mlp_layer_types")
-        n = out.get("num_hidden_layers", 0)
+        mlp_types = _str_list(tc, "mlp_layer_types", where)
         out["moe_layer_freq"] = [1 if t == "sparse" else 0 for t in mlp_types] if mlp_types else [1] * n
-    sa = out.get("sparse_attention_config")
-    layer_types = tc.get("layer_types")
-    if sa is None and "index_block_size" in tc and isinstance(layer_types, list):
+    sa = _typed(out, "sparse_attention_config", dict, where)
+    layer_types = _str_list(tc, "layer_types", where)
+    if sa is None and "index_block_size" in tc and layer_types is not None:
         # The newer HF port (what transformers' save_pretrained writes) flattens the MSA config (§1.3).
         freq = [1 if t == "minimax_m3_sparse" else 0 for t in layer_types]
         sa = out["sparse_attention_config"] = {
@@ -185,9 +223,9 @@ def _text_from_hf(tc: dict[str, Any]) -> dict[str, Any]:
         }
     if isinstance(sa, dict):
         sa = dict(sa)
-        n = out.get("num_hidden_layers", 0)
         sa.setdefault("sparse_attention_freq", [1] * n)  # Automodel: missing list = all sparse (§1.1)
-        sa.setdefault("sparse_disable_index_value", list(sa["sparse_attention_freq"]))
+        freq = _typed(sa, "sparse_attention_freq", list, f"{where} sparse_attention_config")
+        sa.setdefault("sparse_disable_index_value", list(freq or []))
         sa.pop("sparse_attention_type", None)
         out["sparse_attention_config"] = sa
     # The BF16 release declares 7 MTP modules but ships none; a spec counts physical depths (§3.4).
@@ -203,34 +241,30 @@ def from_hf_config(config_dir: str | Path, name: str | None = None) -> M3Spec:
     """
     d = Path(config_dir)
     cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise SpecError(f"{cfg_path}: not found (expected an HF checkpoint directory)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpecError(f"{cfg_path}: not valid JSON: {err}") from None
+    cfg = _read_json(cfg_path, "config.json", _MAX_SPEC_BYTES)
     if not isinstance(cfg, dict):
         raise SpecError(f"{cfg_path}: top level must be a JSON object")
     text_cfg = cfg.get("text_config", cfg)
     if not isinstance(text_cfg, dict):
         raise SpecError(f"{cfg_path}: text_config must be a JSON object")
+    where = str(cfg_path)
     data: dict[str, Any] = {
         "name": name or (d.resolve().name or "m3"),
         "dtype": "bfloat16"
         if text_cfg.get("torch_dtype", cfg.get("torch_dtype")) == "bfloat16"
         else "float32",
-        "text": _text_from_hf(text_cfg),
+        "text": _text_from_hf(text_cfg, where),
         "weights": {"checkpoint": str(d)},
     }
     data["text"]["num_mtp_modules"] = _count_mtp_depths(d)
-    vc = cfg.get("vision_config")
+    vc = _typed(cfg, "vision_config", dict, where)
     if isinstance(vc, dict):
         vision = {k: vc[k] for k in _VISION_KEYS if k in vc and vc[k] is not None}
-        comp = vc.get("img_token_compression_config") or {}
+        comp = _typed(vc, "img_token_compression_config", dict, f"{where} vision_config") or {}
         for k in ("spatial_merge_size", "temporal_patch_size"):
             if k not in vision and k in comp:
                 vision[k] = comp[k]
-        rope = vc.get("rope_parameters") or {}
+        rope = _typed(vc, "rope_parameters", dict, f"{where} vision_config") or {}
         if "rope_theta" not in vision and "rope_theta" in rope:
             vision["rope_theta"] = rope["rope_theta"]
         data["vision"] = vision
@@ -241,16 +275,34 @@ def from_hf_config(config_dir: str | Path, name: str | None = None) -> M3Spec:
     return parse_spec(data, str(cfg_path))
 
 
+def _read_json(path: Path, what: str, limit: int) -> Any:
+    """A JSON file of at most `limit` bytes; SpecError for a missing, oversized, non-UTF-8, malformed
+    or too deeply nested one (never a traceback)."""
+    try:
+        if not path.is_file():
+            raise SpecError(f"{path}: not found (expected an HF checkpoint directory with {what})")
+        if path.stat().st_size > limit:
+            raise SpecError(f"{path}: larger than {limit} bytes: not a {what}")
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: JSON nests too deeply") from None
+    except OSError as err:
+        raise SpecError(f"{path}: unreadable ({err.strerror})") from None
+
+
 def _count_mtp_depths(d: Path) -> int:
     import re
 
     keys: list[str] = []
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            keys = list(json.loads(index.read_text()).get("weight_map", {}))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            keys = []
+        data = _read_json(index, "model.safetensors.index.json", 256 << 20)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise SpecError(f"{index}: not a valid index (expected JSON with a 'weight_map' object)")
+        keys = [k for k in weight_map if isinstance(k, str)]
     else:
         from safetensors import safe_open
 
@@ -317,3 +369,38 @@ def to_hf_config(spec: M3Spec) -> dict[str, Any]:
         "text_config": text,
         "vision_config": vision,
     }
+
+
+def write_spec_yaml(spec: M3Spec, output: Path) -> Path:
+    """Write `spec` as YAML to `output` atomically; InputError for a missing directory, a directory
+    or other non-regular file at `output`, or a write failure (nothing half-written is left)."""
+    import os
+    import tempfile
+
+    from m3export.errors import InputError
+
+    text = spec_yaml(spec)
+    if output.is_symlink() or (output.exists() and not output.is_file()):
+        raise InputError(f"-o {output}: exists and is not a regular file")
+    if not output.parent.is_dir():
+        raise InputError(f"-o {output}: directory {output.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as err:
+        raise InputError(f"-o {output}: cannot write there ({err.strerror})") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, output)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"-o {output}: cannot write it ({err.strerror})") from None
+    return output
+
+
+def spec_yaml(spec: M3Spec) -> str:
+    """The canonical YAML text of a spec (what `spec from-hf` prints)."""
+    return yaml.safe_dump(dump_spec(spec), sort_keys=False, default_flow_style=None, width=110)

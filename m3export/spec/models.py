@@ -32,10 +32,12 @@ class SparseAttentionSpec(_Strict):
     """MSA block-sparse attention (m3-architecture.md §1.3, §2.4)."""
 
     use_sparse_attention: bool = True
-    sparse_block_size: int = Field(gt=0, description="key tokens per block")
-    sparse_topk_blocks: int = Field(gt=0, description="blocks kept per (index head, query), incl. forced")
-    sparse_num_index_heads: int = Field(gt=0, description="indexer query heads; must equal KV heads")
-    sparse_index_dim: int = Field(gt=0, description="indexer head width")
+    sparse_block_size: int = Field(gt=0, le=1 << 16, description="key tokens per block")
+    sparse_topk_blocks: int = Field(
+        gt=0, le=1 << 16, description="blocks kept per (index head, query), incl. forced"
+    )
+    sparse_num_index_heads: int = Field(gt=0, le=4096, description="indexer query heads; must equal KV heads")
+    sparse_index_dim: int = Field(gt=0, le=4096, description="indexer head width")
     sparse_score_type: Literal["max"] = "max"
     sparse_init_block: int = Field(0, ge=0, description="sink blocks 0..n-1 always kept (M3: 0)")
     sparse_local_block: int = Field(1, ge=0, description="blocks ending at the query's own always kept")
@@ -57,16 +59,18 @@ class SparseAttentionSpec(_Strict):
 class TextSpec(_Strict):
     """Text backbone (`text_config`, m3-architecture.md §1.2)."""
 
-    hidden_size: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0, description="width of one routed expert")
-    dense_intermediate_size: int = Field(gt=0)
-    shared_intermediate_size: int = Field(gt=0, description="width of one shared expert")
-    num_hidden_layers: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_key_value_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
-    max_position_embeddings: int = Field(gt=0)
+    # Upper bounds are sanity limits (10-100x M3's real values): a typo such as 10**9 is refused here
+    # instead of exhausting memory later; what a machine can really build is checked from the sizes.
+    hidden_size: int = Field(gt=0, le=1 << 16)
+    intermediate_size: int = Field(gt=0, le=1 << 18, description="width of one routed expert")
+    dense_intermediate_size: int = Field(gt=0, le=1 << 18)
+    shared_intermediate_size: int = Field(gt=0, le=1 << 18, description="width of one shared expert")
+    num_hidden_layers: int = Field(gt=0, le=4096)
+    num_attention_heads: int = Field(gt=0, le=4096)
+    num_key_value_heads: int = Field(gt=0, le=4096)
+    head_dim: int = Field(gt=0, le=4096)
+    vocab_size: int = Field(gt=0, le=1 << 24)
+    max_position_embeddings: int = Field(gt=0, le=1 << 26)
     rms_norm_eps: float = Field(1e-6, gt=0)
     use_gemma_norm: Literal[True] = True
     attention_output_gate: Literal[False] = False
@@ -76,8 +80,8 @@ class TextSpec(_Strict):
     use_qk_norm: Literal[True] = True
     qk_norm_type: Literal["per_head"] = "per_head"
     tie_word_embeddings: Literal[False] = False
-    num_local_experts: int = Field(gt=0)
-    num_experts_per_tok: int = Field(gt=0)
+    num_local_experts: int = Field(gt=0, le=1 << 14)
+    num_experts_per_tok: int = Field(gt=0, le=1024)
     n_shared_experts: Literal[1] = 1
     scoring_func: Literal["sigmoid"] = "sigmoid"
     use_routing_bias: Literal[True] = True
@@ -87,7 +91,9 @@ class TextSpec(_Strict):
     swiglu_beta: float = 1.0
     swiglu_limit: float = Field(7.0, gt=0)
     sparse_attention_config: SparseAttentionSpec | None = None
-    num_mtp_modules: int = Field(0, ge=0, description="physical MTP depths (m3-architecture.md §3, §10.1)")
+    num_mtp_modules: int = Field(
+        0, ge=0, le=64, description="physical MTP depths (m3-architecture.md §3, §10.1)"
+    )
     bos_token_id: int | None = Field(None, ge=0)
     eos_token_id: int | None = Field(None, ge=0)
     pad_token_id: int | None = Field(None, ge=0)
@@ -158,14 +164,14 @@ class TextSpec(_Strict):
 class VisionSpec(_Strict):
     """Vision tower (`vision_config`, m3-architecture.md §1.4, §4)."""
 
-    hidden_size: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    num_hidden_layers: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
-    patch_size: int = Field(14, gt=0)
+    hidden_size: int = Field(gt=0, le=1 << 16)
+    num_attention_heads: int = Field(gt=0, le=4096)
+    num_hidden_layers: int = Field(gt=0, le=1024)
+    intermediate_size: int = Field(gt=0, le=1 << 18)
+    patch_size: int = Field(14, gt=0, le=1024)
     num_channels: Literal[3] = 3
-    temporal_patch_size: int = Field(2, gt=0)
-    spatial_merge_size: int = Field(2, gt=0)
+    temporal_patch_size: int = Field(2, gt=0, le=64)
+    spatial_merge_size: int = Field(2, gt=0, le=64)
     rope_theta: float = Field(10000.0, gt=0)
     hidden_act: Literal["gelu"] = "gelu"
     layer_norm_eps: float = Field(1e-5, gt=0)
@@ -197,7 +203,9 @@ class MultimodalSpec(_Strict):
 
     image_token_index: int = Field(ge=0)
     video_token_index: int = Field(ge=0)
-    projector_hidden_size: int = Field(gt=0, description="intermediate width of projector and merger")
+    projector_hidden_size: int = Field(
+        gt=0, le=1 << 18, description="intermediate width of projector and merger"
+    )
     projector_hidden_act: Literal["gelu"] = "gelu"
     multimodal_projector_bias: Literal[True] = True
     patch_merge_bias: Literal[True] = True
@@ -223,26 +231,42 @@ class WeightsSpec(_Strict):
 
 
 class Tolerance(_Strict):
-    """Acceptance thresholds for one parity comparison. `reason` says why these numbers."""
+    """Acceptance thresholds for one parity comparison. `reason` says why these numbers.
 
-    max_abs: float = Field(ge=0)
-    max_rel: float | None = Field(None, ge=0)
+    `max_abs_scaled` bounds max |actual - reference| / max |reference|: scale-free, so one bound holds
+    for checkpoints whose activations differ in magnitude (an absolute bound does not carry across).
+    """
+
+    max_abs: float | None = Field(None, ge=0, description="bound on max |actual - reference|")
+    max_abs_scaled: float | None = Field(
+        None, ge=0, description="bound on max |actual - reference| / max |reference|"
+    )
+    max_rel: float | None = Field(None, ge=0, description="with max_abs: elements must exceed both to fail")
     min_cosine: float | None = Field(None, ge=-1, le=1)
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     min_routing_agreement: float | None = Field(None, ge=0, le=1)
     reason: str = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _bounded(self) -> Tolerance:
+        if self.max_abs is None and self.max_abs_scaled is None:
+            raise ValueError("give max_abs or max_abs_scaled (a tolerance must bound the error)")
+        if self.max_rel is not None and self.max_abs is None:
+            raise ValueError("max_rel needs max_abs (an element fails only when it exceeds both)")
+        return self
+
 
 class TolerancesSpec(_Strict):
-    """Tolerances per parity step. Steps that are absent use no tolerance and are not run."""
+    """Tolerances per parity step. A step the spec omits gets the documented default for the spec's
+    dtype (m3export/spec/defaults.py, each with its reason): every step always runs."""
 
-    reference: Tolerance | None = Field(None, description="m3export eager vs transformers (fp32)")
-    split: Tolerance | None = Field(None, description="full eager model vs chained eager subgraphs")
-    onnx: Tolerance | None = Field(None, description="each subgraph: eager vs ONNX Runtime")
-    end_to_end: Tolerance | None = Field(None, description="chained ONNX subgraphs vs full eager model")
-    decode: Tolerance | None = Field(None, description="KV-cache decode vs full recompute")
-    generate: Tolerance | None = Field(
-        None, description="greedy token ids: ORT vs eager torch vs transformers, MTP speculative vs plain"
+    reference: Tolerance = Field(description="m3export eager vs transformers (fp32)")
+    split: Tolerance = Field(description="full eager model vs chained eager subgraphs")
+    onnx: Tolerance = Field(description="each subgraph: eager vs ONNX Runtime (also gates `routing`)")
+    end_to_end: Tolerance = Field(description="chained ONNX subgraphs vs full eager model")
+    decode: Tolerance = Field(description="KV-cache decode vs full recompute")
+    generate: Tolerance = Field(
+        description="greedy token ids: ORT vs eager torch vs transformers, MTP speculative vs plain"
     )
 
 
@@ -334,7 +358,9 @@ class ExportSpec(_Strict):
 class M3Spec(_Strict):
     """One MiniMax M3 variant: model dims, weights source, pipeline, export knobs and tolerances."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="used for artifacts/<name>/")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100, description="used for artifacts/<name>/"
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     text: TextSpec
     vision: VisionSpec | None = None
@@ -342,7 +368,22 @@ class M3Spec(_Strict):
     weights: WeightsSpec
     pipeline: PipelineSpec = PipelineSpec()
     export: ExportSpec = ExportSpec()
-    tolerances: TolerancesSpec = TolerancesSpec()
+    tolerances: TolerancesSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tolerances(cls, data: object) -> object:
+        """Steps the spec omits get the defaults for its dtype (their reasons say where they come from)."""
+        if not isinstance(data, dict):
+            return data
+        from m3export.spec.defaults import default_tolerances
+
+        given = data.get("tolerances")
+        if given is not None and not isinstance(given, dict):
+            return data  # let validation name the bad value
+        dtype = data.get("dtype", "float32")
+        defaults = default_tolerances(dtype if isinstance(dtype, str) else "float32")
+        return {**data, "tolerances": {**defaults, **(given or {})}}
 
     @model_validator(mode="after")
     def _check(self) -> M3Spec:

@@ -88,6 +88,21 @@ def stage_layer_ranges(spec: M3Spec) -> list[tuple[int, int]]:
     return ranges
 
 
+HIDDEN_PREFIX = "hidden_states."
+
+
+def boundary_name(layer: int) -> str:
+    """The graph name of the residual stream entering decoder layer `layer` (a stage boundary)."""
+    return f"{HIDDEN_PREFIX}{layer}"
+
+
+def boundary_sig(spec: M3Spec, layer: int) -> TensorSig:
+    """`hidden_states.{layer}` [batch, seq, hidden]: output of the stage ending before `layer`, input of
+    the stage starting at it. One name per boundary, so a middle stage's input and output never clash
+    (an ONNX graph cannot hold two values of one name; the exporter would rename the output)."""
+    return TensorSig(boundary_name(layer), spec.dtype, ("batch", "seq", spec.text.hidden_size))
+
+
 def cache_sigs(spec: M3Spec, layer: str, sparse: bool) -> tuple[list[TensorSig], list[TensorSig]]:
     """The cache inputs `past.{layer}.*` and outputs `present.{layer}.*` of one decoder layer (§2.3):
     post-RoPE key and raw value [batch, kv_heads, len, head_dim]; a sparse layer also the index key
@@ -117,7 +132,6 @@ def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
     hidden = t.hidden_size
     ids = TensorSig("input_ids", "int64", ("batch", "seq"))
     pos = TensorSig("position_ids", "int64", ("batch", "seq"))
-    hs = TensorSig("hidden_states", act, ("batch", "seq", hidden))
     plans: list[SubgraphPlan] = []
     if spec.is_vl:
         assert spec.vision is not None
@@ -150,7 +164,7 @@ def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
                 # The vision subgraph run on the prompt's videos (§4.6), spliced at video placeholders.
                 inputs.append(TensorSig("video_features", act, ("video_tokens", hidden)))
         else:
-            inputs.append(hs)
+            inputs.append(boundary_sig(spec, start))
         inputs.append(pos)
         modules += [f"{root}model.layers.{j}" for j in range(start, end)]
         if i == last:
@@ -159,7 +173,7 @@ def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
             if t.num_mtp_modules:
                 outputs.append(TensorSig("final_hidden_states", act, ("batch", "seq", hidden)))
         else:
-            outputs = [hs]
+            outputs = [boundary_sig(spec, end)]
         for j in range(start, end):
             past, present = cache_sigs(spec, str(j), t.is_sparse_layer(j))
             inputs += past
@@ -222,6 +236,10 @@ def validate_plan(spec: M3Spec, plans: list[SubgraphPlan]) -> None:
         for module, owner in p.shared_uses:
             if owned.get(module) != owner:
                 raise SpecError(f"pipeline: {p.name} uses {module} from {owner}, which does not own it")
+    for p in plans:  # graph I/O names are unique within a graph (the plan owns them, §5)
+        names = p.input_names + p.output_names
+        clash = sorted({n for n in names if names.count(n) > 1})
+        assert not clash, f"{p.name}: I/O names {clash} are used twice"
 
 
 def get_pipeline_stage_metas(
@@ -233,10 +251,15 @@ def get_pipeline_stage_metas(
     sizes = {"batch": microbatch_size, "seq": seq_len}
 
     def concrete(sigs: tuple[TensorSig, ...]) -> tuple[TensorSig, ...]:
+        # Automodel's stage metadata calls every stage boundary `hidden_states` (§5).
         return tuple(
-            TensorSig(s.name, s.dtype, tuple(sizes.get(d, d) if isinstance(d, str) else d for d in s.dims))
+            TensorSig(
+                "hidden_states" if s.name.startswith(HIDDEN_PREFIX) else s.name,
+                s.dtype,
+                tuple(sizes.get(d, d) if isinstance(d, str) else d for d in s.dims),
+            )
             for s in sigs
-            if s.name in ("input_ids", "hidden_states", "logits")
+            if s.name in ("input_ids", "logits") or s.name.startswith(HIDDEN_PREFIX)
         )
 
     return concrete(plan.inputs), concrete(plan.outputs)

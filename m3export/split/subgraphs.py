@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from m3export.model.attention import KVCache
 from m3export.model.splice import splice_features
 from m3export.model.text import M3ForCausalLM, cache_len
-from m3export.split.plan import SubgraphPlan
+from m3export.split.plan import HIDDEN_PREFIX, SubgraphPlan
 
 
 class VisionStage(nn.Module):
@@ -66,6 +66,8 @@ class TextStage(_NamedInputs):
         self.plan = plan
         text = lm.model
         self.first = "input_ids" in plan.input_names
+        # The residual stream comes in as `hidden_states.{first layer}` (m3export.split.plan.boundary_sig).
+        self.hidden_in = next((n for n in plan.input_names if n.startswith(HIDDEN_PREFIX)), None)
         self.last = "logits" in plan.output_names
         self.emit_final_hidden = "final_hidden_states" in plan.output_names
         # (input name, placeholder id) of the vision features stage 0 splices in (§4.5).
@@ -89,7 +91,8 @@ class TextStage(_NamedInputs):
             for name, token_id in self.splices:
                 x = splice_features(x, input_ids, inputs[name], token_id)
         else:
-            x = inputs["hidden_states"]
+            assert self.hidden_in is not None
+            x = inputs[self.hidden_in]
         caches = {name: _cache(inputs, name) for name in self.layers}
         cos, sin, causal = self._layer_inputs(position_ids, cache_len(next(iter(caches.values()))))
         presents: list[Tensor] = []
