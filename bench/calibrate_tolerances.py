@@ -42,7 +42,10 @@ STEPS = ("split", "onnx", "end_to_end", "decode")
 
 def _measuring(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
-    data["tolerances"] = {**{s: dict(MEASURE) for s in STEPS}, "generate": {"max_abs": 1e9, "reason": "measuring"}}
+    data["tolerances"] = {
+        **{s: dict(MEASURE) for s in STEPS},
+        "generate": {"max_abs": 1e9, "reason": "measuring"},
+    }
     data["tolerances"]["onnx"]["min_routing_agreement"] = 0.0
     return data
 
@@ -85,7 +88,12 @@ def _hf_checkpoint(spec: M3Spec, out: Path, scale: float | None, seed: int) -> P
 def _variants(tmp: Path, with_small: bool) -> dict[str, M3Spec]:
     tiny = load_spec(ROOT / "specs" / "m3-tiny.yaml")
     out = {"tiny": parse_spec(_measuring(dump_spec(tiny)))}
-    hf_tiny = _hf_checkpoint(parse_spec({**dump_spec(tiny), "text": {**dump_spec(tiny)["text"], "num_mtp_modules": 0}}), tmp / "tiny-hf", None, 1)
+    hf_tiny = _hf_checkpoint(
+        parse_spec({**dump_spec(tiny), "text": {**dump_spec(tiny)["text"], "num_mtp_modules": 0}}),
+        tmp / "tiny-hf",
+        None,
+        1,
+    )
     data = dump_spec(from_hf_config(hf_tiny, name="tiny-hf"))
     data["pipeline"] = {"num_text_stages": 2}
     out["tiny-hf"] = parse_spec(_measuring(data))
@@ -93,7 +101,13 @@ def _variants(tmp: Path, with_small: bool) -> dict[str, M3Spec]:
     wide.pop("vision")
     wide.pop("multimodal")
     t = wide["text"]
-    t.update(hidden_size=512, num_hidden_layers=8, num_local_experts=16, num_mtp_modules=0, moe_layer_freq=[0] + [1] * 7)
+    t.update(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_local_experts=16,
+        num_mtp_modules=0,
+        moe_layer_freq=[0] + [1] * 7,
+    )
     sa = t["sparse_attention_config"]
     sa.update(sparse_attention_freq=[0] + [1] * 7, sparse_disable_index_value=[0] + [1] * 7)
     hf_wide = _hf_checkpoint(parse_spec(wide), tmp / "wide-hf", 0.05, 2)
@@ -110,7 +124,10 @@ def _worst(manifest: dict[str, Any]) -> dict[str, dict[str, float]]:
     worst: dict[str, dict[str, float]] = {}
     for r in records:
         step = "onnx" if r["step"] == "routing" else r["step"]
-        w = worst.setdefault(step, {"max_abs": 0.0, "max_abs_scaled": 0.0, "min_cosine": 1.0, "min_top1": 1.0, "min_routing": 1.0})
+        w = worst.setdefault(
+            step,
+            {"max_abs": 0.0, "max_abs_scaled": 0.0, "min_cosine": 1.0, "min_top1": 1.0, "min_routing": 1.0},
+        )
         for o in r["outputs"]:
             if o["kind"] == "routing":
                 w["min_routing"] = min(w["min_routing"], float(o["routing_agreement"]))
@@ -135,7 +152,9 @@ def main() -> None:
             print(f"building {name} ...", flush=True)
             res = build(spec, Path(tmp) / "out" / name)
             results[name] = _worst(res.manifest)
-    print(f"\n{'step':<11} {'checkpoint':<9} {'max_abs':>10} {'scaled':>10} {'cosine':>11} {'top1':>7} {'routing':>8}")
+    print(
+        f"\n{'step':<11} {'checkpoint':<9} {'max_abs':>10} {'scaled':>10} {'cosine':>11} {'top1':>7} {'routing':>8}"
+    )
     for step in STEPS:
         for name, worst in results.items():
             w = worst.get(step)
@@ -149,7 +168,9 @@ def main() -> None:
         if bound:
             top = max(r[step]["max_abs_scaled"] for r in results.values() if step in r)
             ratio = bound / top if top > 0 else math.inf
-            print(f"{'':<11} default max_abs_scaled {bound:g}: headroom {ratio:.1f}x over the worst {top:.3g}")
+            print(
+                f"{'':<11} default max_abs_scaled {bound:g}: headroom {ratio:.1f}x over the worst {top:.3g}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -363,12 +363,15 @@ def _silence_stdout() -> None:
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
     import errno
+    import logging
     import warnings
 
     import typer._click.exceptions as click_exc
     import typer.exceptions as typer_exc
 
-    # Library warnings (Pillow, torch's exporter) are not the user's business on a successful run.
+    # Library warnings (Pillow, torch's exporter) are not the user's business on a successful run:
+    # torch.onnx logs one "torchvision is not installed" line per op per export at WARNING.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnxscript|PIL)\b")

@@ -31,6 +31,7 @@ def test_build_ort_passes_and_writes_a_manifest(
     for label in ("[a split]", "[b onnx]", "[c end_to_end]", "[d decode]"):
         assert label in stdout
     assert "FAIL" not in stdout and "build m3-tiny: pass" in stdout
+    assert stderr == ""  # no library warnings on a successful build (issue #11 item 15)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["status"] == "pass"
     assert manifest["moe_lowering"] == "ort" and len(manifest["spec_hash"]) == 64

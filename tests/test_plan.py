@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_middle_stages_have_distinct_boundary_names(stages: int) -> None:
     data["pipeline"] = {"num_text_stages": stages}
     plans = [p for p in plan_subgraphs(parse_spec(data)) if p.kind == "text"]
     assert len(plans) == stages
-    for prev, nxt in zip(plans, plans[1:], strict=False):
+    for prev, nxt in itertools.pairwise(plans):
         boundary = f"hidden_states.{nxt.layers[0]}"
         assert prev.output_names[0] == boundary and nxt.input_names[0] == boundary
     for p in plans:

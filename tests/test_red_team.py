@@ -81,7 +81,7 @@ def test_spec_from_hf_writes_the_default_tolerances(
     tiny_text_spec: M3Spec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt = save_checkpoint(M3ForCausalLM.from_config(tiny_text_spec), tiny_text_spec, tmp_path / "ckpt")
-    code, out, err = run_cli(["spec", "from-hf", str(ckpt), "-o", str(tmp_path / "s.yaml")], capsys)
+    code, _out, err = run_cli(["spec", "from-hf", str(ckpt), "-o", str(tmp_path / "s.yaml")], capsys)
     assert code == 0, err
     written = yaml.safe_load((tmp_path / "s.yaml").read_text())
     assert set(written["tolerances"]) == {"reference", "split", "onnx", "end_to_end", "decode", "generate"}
@@ -454,7 +454,7 @@ def test_prompt_longer_than_the_context_is_refused(
 ) -> None:
     ids = ",".join(["5"] * 4097)  # m3-tiny: max_position_embeddings 4096
     for args in (["run", str(tiny_build)], ["model", "forward", str(TINY)]):
-        code, out, err = run_cli([*args, "--input-ids", ids], capsys)
+        code, _out, err = run_cli([*args, "--input-ids", ids], capsys)
         _assert_one_line_error(code, err, 2, "4097 tokens", "max_position_embeddings")
 
 
@@ -531,6 +531,7 @@ def test_signed_build_detects_tampering_that_the_seal_cannot(
     sign_manifest(copy, key.read_bytes().strip())
     code, out, err = run_cli(["check", str(copy), "--key", str(key)], capsys)
     assert code == 0, out + err
+
     def loosen(m: dict[str, Any]) -> None:  # what someone with write access could do
         m["spec"]["tolerances"]["onnx"].update(max_abs=1.0, min_cosine=None)
         m["spec_hash"] = spec_hash(m["spec"])
