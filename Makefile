@@ -27,7 +27,7 @@ build: $(STAMP)
 
 ## The whole test suite, then the CI parity gate on a fresh tiny build (what CI runs: .ci/run).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 	$(VENV)/bin/m3export build $(SPEC) --out artifacts/ci/m3-tiny
 	$(VENV)/bin/m3export check artifacts/ci/m3-tiny --report artifacts/ci/check.json
 

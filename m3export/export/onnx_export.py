@@ -97,6 +97,7 @@ def export_onnx(
         )
     assert program is not None
     _fold_tagged(program.model)
+    _strip_stack_traces(program.model)
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,21 @@ def export_onnx(
 def _dim_name(dim: str) -> str:
     """A torch.export Dim name (an identifier) for a plan dim name such as `past_seq+seq`."""
     return re.sub(r"\W", "_", dim)
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _strip_stack_traces(model: object) -> None:
+    """Drop the exporter's per-node Python stack traces: they hold absolute paths and line numbers of
+    this checkout, so the same spec built from two clones (or after an unrelated edit) would give
+    different bytes, and they leak the builder's file system layout into shipped artifacts. The
+    module scopes (name_scopes / class_hierarchy) that map a node back to its module stay."""
+    from onnxscript import ir
+
+    assert isinstance(model, ir.Model)
+    for node in model.graph.all_nodes():
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
 
 
 def _fold_tagged(model: object) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from m3export.export.onnx_export import STACK_TRACE_KEY
 from m3export.ops.lowering import FOLD_KEY
 from m3export.trt.plugin import decode_attributes
 from m3export.trt.signature import M3_MOE_PLUGIN
@@ -124,7 +125,7 @@ def _spliced(template: onnx.ModelProto, node: onnx.NodeProto) -> tuple[list[Any]
         n.name = prefix + (tn.name or tn.output[0])
         n.input[:] = [rn(x) for x in tn.input]
         n.output[:] = [rn(x) for x in tn.output]
-        keep = [p for p in tn.metadata_props if p.key != FOLD_KEY]
+        keep = [p for p in tn.metadata_props if p.key not in (FOLD_KEY, STACK_TRACE_KEY)]
         del n.metadata_props[:]
         n.metadata_props.extend(keep)
         n.metadata_props.add(key=TWIN_KEY, value=node.name)
