@@ -14,17 +14,22 @@ def splice_features(embeds: Tensor, input_ids: Tensor, features: Tensor, token_i
     placeholder takes its feature. With N = 0 (a decode step, or a generated token that happens to be the
     placeholder id) the token is embedded like any other, as transformers does when no pixels are given.
     Static-shape ops only (CumSum, Gather, Where): no NonZero / ScatterND, which TensorRT's parser
-    imports only through a plugin the pip wheels lack (export-notes §1).
+    imports only through a plugin the pip wheels lack (export-notes §1). The running count is summed in
+    fp32 (TensorRT's CumSum takes floating inputs only): exact while a call holds fewer than 2**24
+    positions (`MAX_SPLICE_POSITIONS`), which the spec's context bound and batch-1 prompts guarantee.
     """
     b, s, h = embeds.shape
     flat = embeds.reshape(-1, h)
     mask = (input_ids == token_id).reshape(-1)
-    index = torch.cumsum(mask.to(torch.int64), 0) - 1  # the feature each placeholder takes
+    index = torch.cumsum(mask.to(torch.float32), 0).to(torch.int64) - 1  # the feature each placeholder takes
     n = features.shape[0]
     take = mask & (index < n)
     padded = torch.cat((features.to(embeds.dtype), flat.new_zeros(1, h)))  # row n: never taken
     gathered = padded.index_select(0, torch.where(take, index, torch.full_like(index, n)))
     return torch.where(take[:, None], gathered, flat).reshape(b, s, h)
+
+
+MAX_SPLICE_POSITIONS = 1 << 24  # fp32 holds every integer count below this exactly
 
 
 def count_placeholders(input_ids: Tensor, token_id: int) -> int:

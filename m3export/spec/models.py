@@ -70,7 +70,7 @@ class TextSpec(_Strict):
     num_key_value_heads: int = Field(gt=0, le=4096)
     head_dim: int = Field(gt=0, le=4096)
     vocab_size: int = Field(gt=0, le=1 << 24)
-    max_position_embeddings: int = Field(gt=0, le=1 << 26)
+    max_position_embeddings: int = Field(gt=0, le=1 << 24)  # the splice counts in fp32 (model/splice.py)
     rms_norm_eps: float = Field(1e-6, gt=0)
     use_gemma_norm: Literal[True] = True
     attention_output_gate: Literal[False] = False
