@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check m3export tests bench
 	$(VENV)/bin/ruff format --check m3export tests bench
 	$(VENV)/bin/mypy m3export
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format m3export tests bench

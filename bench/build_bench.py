@@ -35,7 +35,7 @@ SPECS = Path(__file__).resolve().parents[1] / "specs"
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from m3export.pipeline import build
+from m3export.build.driver import build
 from m3export.spec import load_spec
 t1 = time.perf_counter()
 spec = load_spec(sys.argv[1])
@@ -101,8 +101,8 @@ def _median_ms(fns: Mapping[str, Callable[[], object]], warmup: int, runs: int) 
 
 
 def bench_latency(spec_path: Path, seq: int, threads: int, warmup: int, runs: int) -> None:
-    from m3export.forward import load_model
-    from m3export.pipeline import build
+    from m3export.build.driver import build
+    from m3export.model.factory import load_model
     from m3export.runners.chain import run_chain
     from m3export.runners.ort_runner import OrtRunner
     from m3export.runners.torch_runner import TorchRunner

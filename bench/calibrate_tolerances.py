@@ -23,12 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from m3export.pipeline import build  # noqa: E402
+from m3export.build.driver import build  # noqa: E402
+from m3export.parity.hf_oracle import randomise_hf_weights  # noqa: E402
 from m3export.spec import M3Spec, dump_spec, from_hf_config, load_spec, parse_spec, to_hf_config  # noqa: E402
 from m3export.spec.defaults import default_tolerances  # noqa: E402
 
@@ -63,24 +62,7 @@ def _hf_checkpoint(spec: M3Spec, out: Path, scale: float | None, seed: int) -> P
         register_text_only_conversion()  # so that save_pretrained writes the §6.1 checkpoint keys
         text = {k: v for k, v in cfg.items() if k not in ("model_type",)}
         model = transformers.MiniMaxM3VLForCausalLM(transformers.MiniMaxM3VLTextConfig(**text))
-    g = torch.Generator().manual_seed(seed)
-    hidden = spec.text.hidden_size
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            noise = torch.randn(t.shape, generator=g)
-            if scale is not None:
-                std = 0.1 if "norm" in name else scale
-            elif "norm" in name:
-                std = 0.1
-            elif "e_score_correction_bias" in name:
-                std = 0.06
-            elif "embed_tokens" in name:
-                std = 1.0
-            elif "lm_head" in name:
-                std = hidden**-0.5
-            else:
-                std = 0.02
-            t.copy_(noise * std)
+    randomise_hf_weights(model, seed, scale)
     model.save_pretrained(out)
     return out
 

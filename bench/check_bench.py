@@ -22,7 +22,7 @@ CLI = "from m3export.cli import main; main()"
 
 
 def _build(spec_path: Path, out: Path) -> Path:
-    from m3export.pipeline import build
+    from m3export.build.driver import build
     from m3export.spec import load_spec
 
     t0 = time.perf_counter()
@@ -32,8 +32,9 @@ def _build(spec_path: Path, out: Path) -> Path:
 
 
 def bench_check(root: Path) -> None:
-    from m3export.check import run_parity, runner_factory
-    from m3export.integrity import verify_artifacts
+    from m3export.artifacts.verify import verify_artifacts
+    from m3export.runners.registry import open_runners
+    from m3export.runtime.check import run_parity
 
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CLI, "check", str(root)], capture_output=True, text=True)
@@ -43,7 +44,8 @@ def bench_check(root: Path) -> None:
     t1 = time.perf_counter()
     arts = verify_artifacts(root)
     t2 = time.perf_counter()
-    entries, _ = run_parity(arts, runner_factory("ort"), lambda _m: None)
+    runners = open_runners("ort", arts.subgraphs, arts.build_info())
+    entries, _ = run_parity(arts, lambda sub: runners[sub.name], lambda _m: None)
     t3 = time.perf_counter()
     print(f"m3export check {root} ({len(arts.files)} files, {len(entries)} comparisons, backend ort)")
     print(f"  exit code {proc.returncode} ({'pass' if proc.returncode == 0 else 'PARITY FAILURE'})")

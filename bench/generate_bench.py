@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m3export.generate import GenerateResult, generate_tokens
+from m3export.runners.decode import GenerateResult, generate_tokens
 from m3export.spec import M3Spec, load_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -70,8 +70,9 @@ def register_text_only_conversion() -> None:
 
 def build_ort(spec: M3Spec, out: Path) -> tuple[Any, Callable[..., Any]]:
     """Build the spec's subgraphs (export only) and return (plans, run) over ORT sessions."""
-    from m3export.pipeline import build
-    from m3export.run import load_artifacts, make_runners
+    from m3export.artifacts.verify import verify_artifacts
+    from m3export.build.driver import build
+    from m3export.runners.registry import open_runners
 
     t0 = time.perf_counter()
     res = build(spec, out)
@@ -81,8 +82,8 @@ def build_ort(spec: M3Spec, out: Path) -> tuple[Any, Callable[..., Any]]:
     )
     if not res.passed:
         raise SystemExit(f"build failed: {res.failed_subjects()}")
-    arts = load_artifacts(res.out_dir)
-    runners = make_runners(arts, "ort")
+    arts = verify_artifacts(res.out_dir)
+    runners = open_runners("ort", arts.subgraphs, arts.build_info())
     print(f"  subgraphs {[p.name for p in arts.plans]}")
     return arts.plans, lambda plan, feed: runners[plan.name].infer(feed)
 
@@ -211,8 +212,8 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from m3export.forward import load_model
     from m3export.model.checkpoint import save_checkpoint
+    from m3export.model.factory import load_model
     from m3export.model.init import make_mtp_agree
 
     print(

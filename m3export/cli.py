@@ -92,14 +92,15 @@ def spec_from_hf(
     name: Annotated[str | None, typer.Option(help="spec name (default: the directory name)")] = None,
 ) -> None:
     """Write a spec for an HF-format checkpoint directory (weights: {checkpoint: DIR})."""
+    from m3export.runtime.outputs import write_spec_file
     from m3export.spec import from_hf_config
-    from m3export.spec.load import spec_yaml, write_spec_yaml
+    from m3export.spec.load import spec_yaml
 
     spec = from_hf_config(directory, name=name)
     if output is None:
         typer.echo(spec_yaml(spec), nl=False)
         return
-    typer.echo(f"wrote {write_spec_yaml(spec, output)}")
+    typer.echo(f"wrote {write_spec_file(spec, output)}")
 
 
 @model_app.command("forward")
@@ -132,7 +133,7 @@ def model_forward(
 
     Weights are the spec's (random seed or checkpoint). Each --image expands one image token id in --input-ids.
     """
-    from m3export.forward import run_forward
+    from m3export.runtime.forward import run_forward
     from m3export.spec import load_spec
 
     result = run_forward(load_spec(spec_file), input_ids, image or [], logits_out, video or [])
@@ -165,8 +166,9 @@ def build_cmd(
     Exit 0 when every parity check passed, 1 on a parity failure (the build goes to <out>.failed and
     <out> is left intact), 2 on a user error.
     """
-    from m3export.integrity import read_key
-    from m3export.pipeline import build, parity_rows
+    from m3export.artifacts.seal import read_key
+    from m3export.build.driver import build
+    from m3export.parity.report import parity_rows
     from m3export.spec import load_spec
 
     spec = load_spec(spec_file)
@@ -218,8 +220,8 @@ def run_cmd(
 
     Exit 3 when the artifact directory is missing or unreadable, 2 on a user error.
     """
-    from m3export.integrity import read_key
-    from m3export.run import run_artifacts
+    from m3export.artifacts.seal import read_key
+    from m3export.runtime.run import run_artifacts
 
     secret = read_key(key) if key is not None else None
     result = run_artifacts(artifacts, backend, input_ids, image or [], logits_out, video or [], secret)
@@ -246,9 +248,9 @@ def check_cmd(
 
     Exit 0 pass, 1 parity failure, 2 usage error, 3 integrity failure (nothing is run then).
     """
-    from m3export.check import check_artifacts
-    from m3export.integrity import read_key
+    from m3export.artifacts.seal import read_key
     from m3export.parity.report import format_table
+    from m3export.runtime.check import check_artifacts
 
     secret = read_key(key) if key is not None else None
     result = check_artifacts(artifacts, backend, report, progress=typer.echo, key=secret)
@@ -292,8 +294,8 @@ def generate_cmd(
     Stops at the spec's EOS token, --max-new-tokens, or the spec's maximum length. Exit 3 when the
     artifact directory is missing or unreadable, 2 on a user error.
     """
-    from m3export.generate import generate_artifacts
-    from m3export.integrity import read_key
+    from m3export.artifacts.seal import read_key
+    from m3export.runtime.generate import generate_artifacts
 
     def show(tok: int) -> None:
         typer.echo(tok)

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from m3export.artifacts import MANIFEST, sha256_file, write_json_atomic
-from m3export.integrity import seal_manifest
+from m3export.artifacts.io import sha256_file, write_json_atomic
+from m3export.artifacts.manifest import MANIFEST
+from m3export.artifacts.seal import seal_manifest
 
 
 def copy_artifacts(src: Path, dst: Path) -> Path:

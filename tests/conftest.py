@@ -37,7 +37,7 @@ def tiny_text_spec(tiny_spec: M3Spec) -> M3Spec:
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory: pytest.TempPathFactory, tiny_spec: M3Spec) -> Path:
     """One passing `build` of specs/m3-tiny.yaml per test session (≈50 s), shared read-only."""
-    from m3export.pipeline import build
+    from m3export.build.driver import build
 
     result = build(tiny_spec, tmp_path_factory.mktemp("tiny-build") / "m3-tiny")
     assert result.passed, result.failed_subjects()

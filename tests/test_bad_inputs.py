@@ -85,8 +85,9 @@ from checkhelp import copy_artifacts, flip_byte, rewrite_manifest
 from clihelp import run_cli
 from conftest import SPECS, spec_variant
 
-from m3export.artifacts import MANIFEST, sha256_file
-from m3export.integrity import verify_artifacts
+from m3export.artifacts.io import sha256_file
+from m3export.artifacts.manifest import MANIFEST
+from m3export.artifacts.verify import verify_artifacts
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.text import M3ForCausalLM
 from m3export.spec import M3Spec, dump_spec

@@ -10,9 +10,10 @@ import pytest
 from clihelp import run_cli
 
 import m3export.ops.lowering as lowering_registry
-from m3export.artifacts import SCHEMA_VERSION, sha256_file
+from m3export.artifacts.io import sha256_file
+from m3export.artifacts.manifest import SCHEMA_VERSION
+from m3export.build.driver import build
 from m3export.ops.lowering_ort import make_ort_lowering
-from m3export.pipeline import build
 from m3export.spec import M3Spec
 
 SPEC = Path(__file__).resolve().parents[1] / "specs" / "m3-tiny.yaml"
@@ -115,7 +116,7 @@ def test_build_with_trt_target_reports_engines_skipped(
     """Without TensorRT: TRT-flavoured ONNX + CPU checks (ORT twin parity) pass, the engine is SKIP
     (not pass) in the table and the manifest, and the build exits 0."""
     pytest.importorskip("onnx")
-    from m3export.trt.engine import tensorrt_unavailable
+    from m3export.export.trt.engine import tensorrt_unavailable
 
     if tensorrt_unavailable() is None:
         pytest.skip("TensorRT and a GPU are present: the engine would be built (see tests/test_trt_gpu.py)")

@@ -11,9 +11,10 @@ import transformers
 from PIL import Image
 from test_vl_parity import _hf_load, _randomise_hf
 
+from m3export.build.driver import build
 from m3export.parity import compare_outputs
-from m3export.pipeline import build
-from m3export.run import prepare_inputs, run_artifacts
+from m3export.runtime.prompt import prepare_inputs
+from m3export.runtime.run import run_artifacts
 from m3export.spec import M3Spec, dump_spec, from_hf_config, parse_spec, to_hf_config
 
 
@@ -44,7 +45,7 @@ def test_build_on_transformers_checkpoint_matches_transformers(tiny_spec: M3Spec
     assert inp["input_ids"].shape[1] > 2 * 2 * 8  # MSA (top-2 blocks of 8) drops blocks at this length
 
     # transformers' own forward on the same preprocessed pixels (grid from the same preprocessing).
-    from m3export.preprocess import preprocess_images
+    from m3export.runtime.media import preprocess_images
 
     px = preprocess_images([tmp_path / "img.png"], spec.vision)
     with torch.no_grad():

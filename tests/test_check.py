@@ -17,11 +17,13 @@ import pytest
 from checkhelp import copy_artifacts, rewrite_manifest
 from clihelp import run_cli
 
-from m3export.check import check_artifacts, run_parity
-from m3export.integrity import SEAL, seal_line, verify_artifacts
+from m3export.artifacts.layout import SEAL
+from m3export.artifacts.seal import seal_line
+from m3export.artifacts.verify import verify_artifacts
 from m3export.parity.compare import ParityReport, compare_outputs
-from m3export.parity.report import CheckEntry, LayerError, markdown, write_reports
+from m3export.parity.report import CheckEntry, LayerError, markdown
 from m3export.runners.ort_runner import OrtRunner
+from m3export.runtime.check import check_artifacts, run_parity, write_reports
 from m3export.spec.models import Tolerance
 
 

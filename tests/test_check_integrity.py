@@ -17,11 +17,11 @@ import pytest
 from checkhelp import copy_artifacts, flip_byte, rewrite_manifest
 from clihelp import run_cli
 
-from m3export.artifacts import MANIFEST
-from m3export.check import check_artifacts
+from m3export.artifacts.layout import SEAL
+from m3export.artifacts.manifest import MANIFEST
 from m3export.errors import ArtifactError
-from m3export.integrity import SEAL
 from m3export.runners.ort_runner import OrtRunner
+from m3export.runtime.check import check_artifacts
 
 
 @pytest.fixture(scope="module")

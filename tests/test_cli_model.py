@@ -12,10 +12,10 @@ from clihelp import run_cli
 from conftest import SPECS, spec_variant
 from PIL import Image
 
-import m3export.preprocess
+import m3export.runtime.media
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.vl import M3ForConditionalGeneration
-from m3export.preprocess import PixelInputs, preprocess_images
+from m3export.runtime.media import PixelInputs, preprocess_images
 from m3export.spec import M3Spec, dump_spec
 
 TINY = str(SPECS / "m3-tiny.yaml")
@@ -148,7 +148,7 @@ def test_odd_grid(png: Path, capsys: pytest.CaptureFixture[str], monkeypatch: py
     """Real images always give even grids (smart_resize rounds to patch·merge); a preprocessor that
     returned an odd one must still end in a one-line error, not a reshape failure in the merger."""
     odd = PixelInputs(torch.zeros(12, 1176), torch.tensor([[1, 3, 4]]))
-    monkeypatch.setattr(m3export.preprocess, "preprocess_images", lambda images, vision: odd)
+    monkeypatch.setattr(m3export.runtime.media, "preprocess_images", lambda images, vision: odd)
     code, out, err = run_cli(
         ["model", "forward", TINY, "--input-ids", f"1,{IMAGE_ID}", "--image", str(png)], capsys
     )

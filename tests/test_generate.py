@@ -12,13 +12,14 @@ import torch
 from clihelp import run_cli
 from PIL import Image
 
-from m3export.forward import prepare_prompt
-from m3export.generate import generate_artifacts, generate_tokens
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.init import make_mtp_agree
 from m3export.model.text import M3ForCausalLM
 from m3export.model.vl import M3ForConditionalGeneration
+from m3export.runners.decode import generate_tokens
 from m3export.runners.torch_runner import TorchRunner
+from m3export.runtime.generate import generate_artifacts
+from m3export.runtime.prompt import prepare_prompt
 from m3export.spec import M3Spec
 from m3export.split.plan import plan_subgraphs
 from m3export.split.subgraphs import build_stage
@@ -159,12 +160,14 @@ def test_a_placeholder_id_as_a_decode_token_is_embedded_like_transformers(
     """A token equal to the image (or video) placeholder id fed after the prompt, with no pixels, is
     embedded as an ordinary token, as transformers does (its splice runs only when pixels are given);
     the ORT chain's decode step must give transformers' logits, not crash."""
-    from m3export.run import load_artifacts, make_runners, prepare_inputs
+    from m3export.artifacts.verify import verify_artifacts
     from m3export.runners.chain import run_chain
+    from m3export.runners.registry import open_runners
+    from m3export.runtime.prompt import prepare_inputs
 
     assert tiny_spec.multimodal is not None
-    arts = load_artifacts(tiny_build)
-    runners = make_runners(arts, "ort")
+    arts = verify_artifacts(tiny_build)
+    runners = open_runners("ort", arts.subgraphs, arts.build_info())
     inp, _ = prepare_inputs(tiny_spec, TEXT)
     prompt = {k: v.numpy() for k, v in inp.items()}
     run = lambda plan, feed: runners[plan.name].infer(feed)  # noqa: E731
@@ -182,12 +185,14 @@ def test_a_placeholder_id_as_a_decode_token_is_embedded_like_transformers(
 def test_mtp_drafting_the_placeholder_id_matches_plain_greedy(tiny_build: Path, tiny_spec: M3Spec) -> None:
     """The red-team prompt drafted the image placeholder id and crashed in ScatterND; every draft
     forced to the placeholder id must still give exactly the plain greedy tokens."""
-    from m3export.run import load_artifacts, make_runners, prepare_inputs
+    from m3export.artifacts.verify import verify_artifacts
+    from m3export.runners.registry import open_runners
+    from m3export.runtime.prompt import prepare_inputs
 
     assert tiny_spec.multimodal is not None
     image_id = tiny_spec.multimodal.image_token_index
-    arts = load_artifacts(tiny_build)
-    runners = make_runners(arts, "ort")
+    arts = verify_artifacts(tiny_build)
+    runners = open_runners("ort", arts.subgraphs, arts.build_info())
 
     def run(plan: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = runners[plan.name].infer(feed)

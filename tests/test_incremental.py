@@ -1,4 +1,4 @@
-"""Incremental, content-addressed builds (m3export.buildcache) and deterministic ONNX files."""
+"""Incremental, content-addressed builds (m3export.build.cache) and deterministic ONNX files."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from m3export.artifacts import sha256_file
-from m3export.pipeline import build
+from m3export.artifacts.io import sha256_file
+from m3export.build.driver import build
 from m3export.spec import M3Spec
 
 

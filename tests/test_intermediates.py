@@ -15,10 +15,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from m3export.build.export_step import export_plan
 from m3export.errors import ArtifactError
-from m3export.export.onnx_export import export_onnx
-from m3export.forward import load_model
-from m3export.goldens import trace_inputs as _trace_inputs
+from m3export.model.factory import load_model
 from m3export.model.moe import SparseMoeBlock
 from m3export.ops.lowering import get_lowering
 from m3export.ops.moe import route
@@ -32,9 +31,9 @@ from m3export.parity.intermediates import (
     first_divergent_layer,
     routing_report,
 )
-from m3export.pipeline import _export_subgraph
 from m3export.runners.ort_runner import OrtRunner
 from m3export.spec import M3Spec, Tolerance
+from m3export.split.inputs import trace_inputs as _trace_inputs
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
 from m3export.split.subgraphs import build_stage
 
@@ -68,8 +67,7 @@ def exported(
     out = tmp_path_factory.mktemp(request.param)
     lowering = get_lowering(request.param)
     return {
-        name: _export_subgraph(
-            export_onnx,
+        name: export_plan(
             build_stage(model, plans[name]),
             plans[name],
             tiny_text_spec,

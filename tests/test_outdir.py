@@ -14,7 +14,7 @@ from checkhelp import copy_artifacts
 from clihelp import run_cli
 from test_bad_inputs import _assert_one_line_error, _snapshot
 
-from m3export import outdir
+from m3export.artifacts import outdir
 from m3export.errors import OutputError
 from m3export.spec import M3Spec, dump_spec
 

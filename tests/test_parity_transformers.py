@@ -26,6 +26,7 @@ from m3export.errors import CheckpointError
 from m3export.model.attention import M3Attention, causal_keep
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.text import M3ForCausalLM
+from m3export.parity.hf_oracle import randomise_hf_weights
 from m3export.spec import M3Spec, Tolerance
 
 transformers = pytest.importorskip("transformers")
@@ -124,22 +125,9 @@ def test_parity_fails_without_msa_selection(
 
 def _randomise(model: Any, seed: int) -> None:
     """Overwrite every parameter and persistent buffer, norms and correction biases included."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = model.config.get_text_config().hidden_size
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if "norm" in name:
-                std = 0.1
-            elif "e_score_correction_bias" in name:
-                std = 0.06
-            elif "embed_tokens" in name:
-                std = 1.0
-            elif "lm_head" in name:
-                std = hidden**-0.5
-            else:
-                std = 0.02
-            t.copy_(torch.randn(t.shape, generator=g) * std)
-            assert t.abs().min() > 0 or t.numel() > 64, name
+    randomise_hf_weights(model, seed)
+    for name, t in model.state_dict().items():
+        assert t.abs().min() > 0 or t.numel() > 64, name
 
 
 def _no_mtp(spec: M3Spec) -> M3Spec:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from m3export.errors import InputError
 from m3export.model.vision_inputs import build_vision_inputs, segment_grid_thw
-from m3export.preprocess import (
+from m3export.runtime.media import (
     expand_image_placeholders,
     expand_video_placeholders,
     load_image,

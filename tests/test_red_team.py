@@ -21,12 +21,14 @@ from clihelp import run_cli
 from PIL import Image
 from test_bad_inputs import _assert_one_line_error, _snapshot
 
-from m3export.check import check_artifacts
-from m3export.integrity import SIGNATURE, sign_manifest, verify_artifacts
+from m3export.artifacts.layout import SIGNATURE
+from m3export.artifacts.seal import sign_manifest
+from m3export.artifacts.verify import verify_artifacts
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.text import M3ForCausalLM
 from m3export.runners import ort_runner
 from m3export.runners.chain import ChainError, run_chain
+from m3export.runtime.check import check_artifacts
 from m3export.spec import M3Spec, dump_spec, parse_spec, spec_hash
 from m3export.spec.defaults import default_tolerances
 from m3export.split.plan import plan_subgraphs
@@ -261,7 +263,7 @@ def test_read_only_file_system_is_refused_before_any_work(capsys: pytest.Capture
 def test_too_little_disk_is_refused_before_any_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from m3export import outdir
+    from m3export.artifacts import outdir
 
     monkeypatch.setattr(
         outdir.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
@@ -274,7 +276,7 @@ def test_too_little_disk_is_refused_before_any_work(
 def test_disk_full_mid_build_leaves_nothing_and_keeps_out(
     tiny_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import m3export.pipeline as pipeline
+    import m3export.artifacts.goldens as goldens
 
     out = copy_artifacts(tiny_build, tmp_path / "m3-tiny")
     before = _snapshot(out)
@@ -282,7 +284,7 @@ def test_disk_full_mid_build_leaves_nothing_and_keeps_out(
     def full(*_a: Any, **_k: Any) -> None:
         raise OSError(28, "No space left on device", str(tmp_path / "x.npz"))
 
-    monkeypatch.setattr(pipeline.np, "savez", full)
+    monkeypatch.setattr(goldens.np, "savez", full)
     data = _tiny_yaml()
     data["weights"] = {"random": {"seed": 3}}  # not up to date: every subgraph is rebuilt
     spec = tmp_path / "s.yaml"
@@ -349,7 +351,7 @@ def test_unreadable_artifact_file_is_exit_3(
     tiny_build: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`chmod 0` as another user (tests run as root, so the permission error is injected)."""
-    from m3export import artifacts
+    from m3export.artifacts import io as artifacts
 
     real = artifacts.PinnedFile.__init__
 
@@ -387,7 +389,7 @@ def test_hostile_resealed_manifest_is_exit_3(
 def test_deeply_nested_manifest_is_exit_3(
     tiny_build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from m3export.integrity import seal_manifest
+    from m3export.artifacts.seal import seal_manifest
 
     copy = copy_artifacts(tiny_build, tmp_path / "a")
     (copy / "manifest.json").write_text(

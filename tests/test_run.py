@@ -9,9 +9,10 @@ import pytest
 from clihelp import run_cli
 from PIL import Image
 
-from m3export.forward import forward_prompt, parse_token_ids
-from m3export.integrity import seal_manifest
+from m3export.artifacts.seal import seal_manifest
 from m3export.parity import compare_outputs
+from m3export.runtime.forward import forward_prompt
+from m3export.runtime.prompt import parse_token_ids
 from m3export.spec import M3Spec
 
 

@@ -19,9 +19,10 @@ import torch
 from conftest import spec_variant
 from PIL import Image
 
+from m3export.build.driver import build
 from m3export.parity import compare_outputs
-from m3export.pipeline import build
-from m3export.run import prepare_inputs, run_artifacts
+from m3export.runtime.prompt import prepare_inputs
+from m3export.runtime.run import run_artifacts
 from m3export.spec import M3Spec, dump_spec, from_hf_config, parse_spec, to_hf_config
 
 transformers = pytest.importorskip("transformers")
@@ -94,7 +95,7 @@ def test_n_stage_build_matches_transformers(
     assert inp["input_ids"].shape[1] >= 40  # MSA drops blocks (2 x top-2 x block 8 = 32)
     kwargs = {}
     if images:
-        from m3export.preprocess import preprocess_images
+        from m3export.runtime.media import preprocess_images
 
         px = preprocess_images(images, spec.vision)  # type: ignore[arg-type]
         kwargs = {"pixel_values": px.pixel_values, "image_grid_thw": torch.as_tensor(px.grid_thw)}

@@ -16,12 +16,12 @@ from test_lowerings import RUN_TOKENS, MoEBlock, _tokens
 from test_trt_graphs import eager_outputs, export_both, feed_for, trt_spec
 
 from m3export.export.onnx_export import export_onnx
+from m3export.export.trt.engine import build_engine, tensorrt_unavailable
 from m3export.ops.lowering import get_lowering
+from m3export.ops.trt_plugin import plugin_record
 from m3export.parity.compare import compare_output, compare_outputs
 from m3export.spec import M3Spec
 from m3export.split.plan import plan_subgraphs
-from m3export.trt.engine import build_engine, tensorrt_unavailable
-from m3export.trt.plugin import plugin_record
 
 REASON = tensorrt_unavailable()
 pytestmark = [
@@ -93,7 +93,7 @@ def test_engine_build_records_engine_and_passes_engine_parity(tiny_text_spec: M3
 
 
 def test_chained_engines_match_the_chained_eager_stages(tiny_text_spec: M3Spec, tmp_path: Path) -> None:
-    from m3export.forward import load_model
+    from m3export.model.factory import load_model
     from m3export.runners.trt_runner import TrtRunner
     from m3export.split.subgraphs import build_stage
 

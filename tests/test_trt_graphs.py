@@ -18,16 +18,16 @@ import onnx
 import pytest
 import torch
 
+from m3export.build.trt_step import TrtResult, build_trt_targets
 from m3export.export.onnx_export import export_onnx
+from m3export.export.trt.graph_check import check_plugin_node, check_trt_graph, value_types
+from m3export.export.trt.graph_diff import diff_graphs
+from m3export.export.trt.rewrites import REWRITE_KEY, apply_trt_rewrites
+from m3export.export.trt.twin import make_ort_twin
 from m3export.ops.lowering import get_lowering
+from m3export.ops.trt_signature import M3_MOE_PLUGIN
 from m3export.spec import M3Spec
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
-from m3export.trt.build import TrtResult, build_trt_targets
-from m3export.trt.graph_check import check_plugin_node, check_trt_graph, value_types
-from m3export.trt.graph_diff import diff_graphs
-from m3export.trt.rewrites import REWRITE_KEY, apply_trt_rewrites
-from m3export.trt.signature import M3_MOE_PLUGIN
-from m3export.trt.twin import make_ort_twin
 
 _REASON = "test-local TensorRT section (tests/test_trt_graphs.py); GPU numbers not yet measured: "
 # The `export.trt` section the TensorRT tests use (the shipped m3-tiny.yaml has no TensorRT target).
@@ -110,7 +110,7 @@ def export_both(spec: M3Spec, plan_name: str, out: Path) -> tuple[SubgraphPlan, 
     """Export `plan_name` with the ORT lowering, then run `build_trt_targets` on it."""
     import torch.fx.experimental._config as fx_config
 
-    from m3export.forward import load_model
+    from m3export.model.factory import load_model
     from m3export.split.subgraphs import build_stage
 
     plan = next(p for p in plan_subgraphs(spec) if p.name == plan_name)
@@ -273,7 +273,7 @@ def res_golden(
     plan: SubgraphPlan, built: Any
 ) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Recompute one golden case for `built` (the fixture does not keep its feeds)."""
-    from m3export.forward import load_model
+    from m3export.model.factory import load_model
     from m3export.split.subgraphs import build_stage
 
     spec = built[0]
@@ -284,7 +284,7 @@ def res_golden(
 
 
 def test_engine_is_reported_skipped_with_the_reason_never_passed(built: Any) -> None:
-    from m3export.trt.engine import tensorrt_unavailable
+    from m3export.export.trt.engine import tensorrt_unavailable
 
     reason = tensorrt_unavailable()
     if reason is None:
@@ -307,11 +307,10 @@ def test_trt_backend_refuses_a_build_without_engine_naming_the_reason(built: Any
     if res.engine_status == "built":
         pytest.skip("an engine was built here")
     root = res.onnx_path.parent.parent
-    manifest = {"subgraphs": {"text_1": {"trt": res.manifest_entry()}, "text_0": {}}}
     with pytest.raises(ArtifactError, match=r"text_1 has no engine \(skipped: .+\); rebuild"):
-        TrtRunner.from_manifest(root, manifest, "text_1")
+        TrtRunner.from_entry(root, "text_1", res.manifest_entry())
     with pytest.raises(ArtifactError, match="text_0 has no TensorRT build"):
-        TrtRunner.from_manifest(root, manifest, "text_0")
+        TrtRunner.from_entry(root, "text_0", None)
 
 
 def test_manifest_entry_records_plugin_profile_and_files(built: Any) -> None:

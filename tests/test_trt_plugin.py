@@ -25,8 +25,8 @@ from test_lowerings import (
 )
 
 from m3export.ops.lowering import get_lowering
-from m3export.trt.plugin import plugin_compute
-from m3export.trt.signature import M3_MOE_PLUGIN
+from m3export.ops.trt_plugin import plugin_compute
+from m3export.ops.trt_signature import M3_MOE_PLUGIN
 
 
 def plugin_inputs(path: Path) -> tuple[onnx.NodeProto, dict[str, np.ndarray], dict[str, np.ndarray]]:

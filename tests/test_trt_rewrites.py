@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from m3export.trt.graph_check import check_trt_graph
-from m3export.trt.rewrites import CAST_BOOL, MASK_4D, REWRITE_KEY, apply_trt_rewrites
+from m3export.export.trt.graph_check import check_trt_graph
+from m3export.export.trt.rewrites import CAST_BOOL, MASK_4D, REWRITE_KEY, apply_trt_rewrites
 
 
 def _model(

@@ -18,19 +18,19 @@ from test_trt_graphs import TRT_SECTION, trt_spec
 
 import m3export.ops.moe  # noqa: F401  (registers torch.ops.m3.moe)
 from m3export.errors import ArtifactError, SpecError
+from m3export.export.trt.engine import profile_shapes, resolve_precision, tensorrt_unavailable
+from m3export.export.trt.graph_check import load_supported_ops
+from m3export.export.trt.rewrites import BOOL_CASTS
 from m3export.ops.lowering import get_lowering, lowering_names
-from m3export.spec import M3Spec, load_spec, parse_spec
-from m3export.split.plan import plan_subgraphs
-from m3export.trt.engine import profile_shapes, resolve_precision, tensorrt_unavailable
-from m3export.trt.graph_check import load_supported_ops
-from m3export.trt.plugin import (
+from m3export.ops.trt_plugin import (
     check_plugin_records,
     decode_attributes,
     make_plugin_functions,
     plugin_record,
 )
-from m3export.trt.rewrites import BOOL_CASTS
-from m3export.trt.signature import M3_MOE_PLUGIN
+from m3export.ops.trt_signature import M3_MOE_PLUGIN
+from m3export.spec import M3Spec, load_spec, parse_spec
+from m3export.split.plan import plan_subgraphs
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 NO_TRT = importlib.util.find_spec("tensorrt") is None
@@ -217,8 +217,8 @@ def test_profiles_cover_every_input_dim(tiny_spec: M3Spec, tiny_text_spec: M3Spe
 
 @pytest.mark.skipif(not NO_TRT, reason="tensorrt is installed here")
 def test_without_tensorrt_the_engine_steps_say_why(tmp_path: Path) -> None:
+    from m3export.ops.trt_plugin import register_plugin
     from m3export.runners.trt_runner import TrtRunner
-    from m3export.trt.plugin import register_plugin
 
     reason = tensorrt_unavailable()
     assert reason is not None and "not installed" in reason and "m3export[trt]" in reason

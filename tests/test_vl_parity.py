@@ -25,7 +25,8 @@ from m3export.errors import InputError
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.text import M3ForCausalLM
 from m3export.model.vl import M3ForConditionalGeneration
-from m3export.preprocess import (
+from m3export.parity.hf_oracle import randomise_hf_weights
+from m3export.runtime.media import (
     expand_image_placeholders,
     expand_video_placeholders,
     preprocess_images,
@@ -127,33 +128,8 @@ def _hf_load(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def _randomise_hf(model: Any, seed: int) -> None:
-    """Overwrite every parameter and persistent buffer (norms and correction biases included). Text as
-    §7 with non-zero norms; vision weights N(0, 1/fan_in), LayerNorms 1 + N(0, 0.1²), biases N(0, 0.1²),
-    so image features are O(1) like the token embeddings they replace."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = model.config.get_text_config().hidden_size
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            noise = torch.randn(t.shape, generator=g)
-            if name.startswith(HF_VISION):
-                if ("layrnorm" in name or "layer_norm" in name) and name.endswith("weight"):
-                    t.copy_(1 + 0.1 * noise)
-                elif name.endswith("bias"):
-                    t.copy_(0.1 * noise)
-                else:
-                    t.copy_(noise * t[0].numel() ** -0.5)
-                continue
-            if "norm" in name:
-                std = 0.1
-            elif "e_score_correction_bias" in name:
-                std = 0.06
-            elif "embed_tokens" in name:
-                std = 1.0
-            elif "lm_head" in name:
-                std = hidden**-0.5
-            else:
-                std = 0.02
-            t.copy_(noise * std)
+    """Every parameter and persistent buffer re-randomised (m3export.parity.hf_oracle.randomise_hf_weights)."""
+    randomise_hf_weights(model, seed)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import onnx
+import torch
+import torch.fx.experimental._config as fx_config
+from onnxscript import ir, optimizer
+
+import m3export.ops.moe  # noqa: F401  (torch.ops.m3.moe must exist to be counted)
 from m3export.ops.lowering import FOLD_KEY, MoELowering, check_lowered_graph, count_nodes
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,31 +55,9 @@ def export_onnx(
     Weights go to `<out_path>.data`. Raises if the graph holds non-standard nodes other than the
     lowering's own.
     """
-    import onnx
-    import torch
-
-    import m3export.ops.moe  # noqa: F401  (torch.ops.m3.moe must exist to be counted)
 
     start = time.perf_counter()
-    dims: dict[str, torch.export.Dim] = {}
-    per_input = tuple(
-        {
-            axis: dims.setdefault(dim, torch.export.Dim(_dim_name(dim)))
-            for axis, dim in dynamic_axes.get(name, {}).items()
-        }
-        for name in inputs
-    )
-    # A `forward(*tensors)` takes all inputs as one pytree node; a plain forward one per parameter.
-    varargs = any(
-        p.kind is inspect.Parameter.VAR_POSITIONAL
-        for p in inspect.signature(module.forward).parameters.values()
-    )
-    dynamic_shapes = (per_input,) if varargs else per_input
-    unknown = set(dynamic_axes) - set(inputs)
-    if unknown:
-        raise ValueError(f"dynamic_axes names unknown inputs {sorted(unknown)}; inputs: {list(inputs)}")
-
-    import torch.fx.experimental._config as fx_config
+    dynamic_shapes = _dynamic_shapes(module, inputs, dynamic_axes)
 
     # Size-oblivious reasoning keeps batch/seq symbolic through the MSA block logic (the exporter
     # would otherwise specialise them on guards such as "num_blocks >= 1").
@@ -124,6 +105,30 @@ def export_onnx(
     )
 
 
+def _dynamic_shapes(
+    module: torch.nn.Module, inputs: Mapping[str, torch.Tensor], dynamic_axes: Mapping[str, Mapping[int, str]]
+) -> Any:
+    """torch.export dynamic shapes for `inputs`: one `Dim` per distinct symbolic name."""
+
+    unknown = set(dynamic_axes) - set(inputs)
+    if unknown:
+        raise ValueError(f"dynamic_axes names unknown inputs {sorted(unknown)}; inputs: {list(inputs)}")
+    dims: dict[str, torch.export.Dim] = {}
+    per_input = tuple(
+        {
+            axis: dims.setdefault(dim, torch.export.Dim(_dim_name(dim)))
+            for axis, dim in dynamic_axes.get(name, {}).items()
+        }
+        for name in inputs
+    )
+    # A `forward(*tensors)` takes all inputs as one pytree node; a plain forward one per parameter.
+    varargs = any(
+        p.kind is inspect.Parameter.VAR_POSITIONAL
+        for p in inspect.signature(module.forward).parameters.values()
+    )
+    return (per_input,) if varargs else per_input
+
+
 def _dim_name(dim: str) -> str:
     """A torch.export Dim name (an identifier) for a plan dim name such as `past_seq+seq`."""
     return re.sub(r"\W", "_", dim)
@@ -137,7 +142,6 @@ def _strip_stack_traces(model: object) -> None:
     this checkout, so the same spec built from two clones (or after an unrelated edit) would give
     different bytes, and they leak the builder's file system layout into shipped artifacts. The
     module scopes (name_scopes / class_hierarchy) that map a node back to its module stay."""
-    from onnxscript import ir
 
     assert isinstance(model, ir.Model)
     for node in model.graph.all_nodes():
@@ -146,7 +150,6 @@ def _strip_stack_traces(model: object) -> None:
 
 def _fold_tagged(model: object) -> None:
     """Fold the weight-transform nodes a lowering tagged, regardless of onnxscript's size limits."""
-    from onnxscript import ir, optimizer
 
     assert isinstance(model, ir.Model)
     tagged = {n for n in model.graph.all_nodes() if n.metadata_props.get(FOLD_KEY) == "1"}
@@ -162,7 +165,6 @@ def _fold_tagged(model: object) -> None:
 def _check_io_names(model: object, inputs: list[str], outputs: list[str]) -> None:
     """The graph's I/O are exactly the names asked for, in order: the exporter renames an output that
     clashes with an input (`x` -> `x_1`) and drops unused inputs without an error."""
-    import onnx
 
     assert isinstance(model, onnx.ModelProto)
     got_in = [i.name for i in model.graph.input]
@@ -176,7 +178,6 @@ def _check_io_names(model: object, inputs: list[str], outputs: list[str]) -> Non
 
 def _check_dynamic_axes(model: object, dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
     """torch 2.13 silently specialises a dynamic axis traced at size 1 (no guard error): catch it."""
-    import onnx
 
     assert isinstance(model, onnx.ModelProto)
     for graph_input in model.graph.input:

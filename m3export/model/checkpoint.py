@@ -37,7 +37,7 @@ from m3export.model.hf_keys import (
     native_to_hf,
 )
 from m3export.model.mxfp8 import MXFP8_BLOCK, dequantize_mxfp8, quantize_mxfp8
-from m3export.spec import M3Spec, to_hf_config
+from m3export.spec import M3Spec, from_hf_config, to_hf_config
 
 __all__ = [
     "VL_NON_TEXT_PREFIXES",
@@ -306,7 +306,6 @@ def _assign(model: nn.Module, name: str, value: Tensor) -> None:
 def resolve_pretrained(source: str | Path | M3Spec, spec: M3Spec | None) -> tuple[M3Spec, Path]:
     """(spec, checkpoint dir) for `from_pretrained`: `source` is a directory, or a spec whose
     `weights.checkpoint` names one; `spec` overrides the architecture read from config.json."""
-    from m3export.spec import from_hf_config
 
     if isinstance(source, M3Spec):
         if source.weights.checkpoint is None:

@@ -9,6 +9,7 @@ into a destination tensor. Pickle checkpoints are refused by name: nothing is ev
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,6 @@ def _refuse_pickle(path: Path) -> None:
 
 def read_header(path: Path) -> dict[str, DiskTensor]:
     """Tensors of one safetensors file; a truncated file or a corrupted header raises CheckpointError."""
-    import stat
 
     from safetensors import safe_open
 

@@ -19,7 +19,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from m3export.model.attention import M3Attention
 from m3export.model.moe import Router, SparseMoeBlock, StackedExperts, SwiGLUMLP
+from m3export.model.mtp import MTPDepth
 from m3export.model.norm import GemmaRMSNorm
 
 NORM_STD = 0.1
@@ -83,8 +85,6 @@ def make_mtp_agree(model: nn.Module) -> None:
     final_layernorm = the main norm, so depth 0 at position i returns norm(E[x_{i+1}]) up to the RMS
     eps: exactly the main model's prediction after x_{i+1}. A test construction, not a real model.
     """
-    from m3export.model.attention import M3Attention
-    from m3export.model.mtp import MTPDepth
 
     text = getattr(model, "language_model", model).get_submodule("model")
     main_norm = text.get_parameter("norm.weight")

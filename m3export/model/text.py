@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from m3export.model.attention import KVCache, M3Attention, causal_keep
+from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
 from m3export.model.init import init_weights
 from m3export.model.moe import SparseMoeBlock, SwiGLUMLP, build_moe_config
 from m3export.model.mtp import MTP, MTPDepth, mtp_forward, shift_left
@@ -210,7 +211,6 @@ class M3ForCausalLM(nn.Module):
     ) -> M3ForCausalLM:
         """Load an HF-layout checkpoint directory (§6.1). `source` is the directory, or a spec whose
         `weights.checkpoint` names it; `spec` overrides the architecture read from config.json."""
-        from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
 
         spec, path = resolve_pretrained(source, spec)
         model = cls.from_config(spec, device="meta").to_empty(device=device or "cpu")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from m3export.errors import InputError, SpecError
+from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
 from m3export.model.init import init_weights
 from m3export.model.splice import count_placeholders, splice_features
 from m3export.model.text import M3CausalLMOutput, M3ForCausalLM
@@ -105,7 +106,6 @@ class M3ForConditionalGeneration(nn.Module):
     ) -> M3ForConditionalGeneration:
         """Load a VL HF-layout checkpoint directory (§6.1). `source` is the directory, or a spec whose
         `weights.checkpoint` names it; `spec` overrides the architecture read from config.json."""
-        from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
 
         spec, path = resolve_pretrained(source, spec)
         model = cls.from_config(_vl_spec(spec), device="meta").to_empty(device=device or "cpu")

@@ -14,12 +14,15 @@ import importlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import onnx
+import torch
+from onnxscript import ir, opset18
+
+import m3export.ops.moe  # noqa: F401  (registers torch.ops.m3.moe)
 from m3export.errors import SpecError
-
-if TYPE_CHECKING:
-    import onnx
+from m3export.spec.lowerings import declare_lowering
 
 # name -> "module:attribute"; imported on first use so listing names needs no onnxscript.
 _BUILTIN: dict[str, str] = {
@@ -53,9 +56,6 @@ class MoELowering:
     onnxruntime: str = ""
 
     def translation_table(self) -> dict[Callable[..., Any], Callable[..., Any]]:
-        import torch
-
-        import m3export.ops.moe  # noqa: F401  (registers torch.ops.m3.moe)
 
         return {torch.ops.m3.moe.default: self.translate}
 
@@ -69,6 +69,8 @@ def register_lowering(lowering: MoELowering) -> None:
     if lowering.name in _BUILTIN or lowering.name in _REGISTERED:
         raise ValueError(f"a lowering named {lowering.name!r} is already registered")
     _REGISTERED[lowering.name] = lowering
+    if lowering.onnxruntime:  # ONNX Runtime runs its graphs: a spec may select it as export.moe
+        declare_lowering(lowering.name)
 
 
 def get_lowering(name: str) -> MoELowering:
@@ -115,7 +117,6 @@ def onnx_ops() -> Any:
 
     Typed Any: onnxscript's per-op stubs reject the tracer's symbolic values.
     """
-    from onnxscript import opset18
 
     return opset18
 
@@ -125,7 +126,6 @@ def onnx_route(hidden: Any, router_weight: Any, correction_bias: Any, top_k: int
 
     The bias only picks the experts; mixing weights come from the unbiased scores.
     """
-    from onnxscript import ir
 
     op = onnx_ops()
 

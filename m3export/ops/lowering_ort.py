@@ -21,6 +21,9 @@ import functools
 import math
 from typing import Any
 
+from onnx.defs import OpSchema
+from onnxscript import ir, values
+
 from m3export.ops.lowering import MoELowering, mark_fold, onnx_ops, onnx_route, static_dims
 
 DOMAIN = "com.microsoft"
@@ -41,7 +44,6 @@ def _moe_schema() -> Any:
     torch 2.13's exporter needs it explicitly: ORT's contrib schemas are not in onnx's registry.
     `swiglu_limit_after_activation` (newer ORT only) is left out so older runtimes load the graph.
     """
-    from onnx.defs import OpSchema
 
     def param(name: str, optional: bool = False) -> OpSchema.FormalParameter:
         option = (
@@ -77,7 +79,6 @@ def _moe_schema() -> Any:
 
 @functools.cache
 def _moe_op() -> Any:
-    from onnxscript import values
 
     return values.Op(values.Opset(DOMAIN, 1), "MoE", op_schema=_moe_schema())
 
@@ -113,7 +114,6 @@ def _translate(
     interleave_gate_up: bool,
     apply_routed_scaling: bool,
 ) -> Any:
-    from onnxscript import ir
 
     op = onnx_ops()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnxscript import ir
+
 from m3export.ops.lowering import MoELowering, mark_fold, onnx_ops, onnx_route, static_dims
 
 
@@ -26,7 +28,6 @@ def _translate(
     swiglu_beta: float,
     swiglu_limit: float,
 ) -> Any:
-    from onnxscript import ir
 
     op = onnx_ops()
 

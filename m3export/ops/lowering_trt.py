@@ -17,13 +17,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from onnxscript import ir, values
+
 from m3export.ops.lowering import MoELowering, onnx_ops
-from m3export.trt.signature import M3_MOE_PLUGIN, PluginSignature
+from m3export.ops.trt_signature import M3_MOE_PLUGIN, PluginSignature
 
 
 @functools.cache
 def _plugin_op(sig: PluginSignature) -> Any:
-    from onnxscript import values
 
     return values.Op(values.Opset(sig.domain, 1), sig.name, op_schema=sig.onnx_schema())
 
@@ -40,7 +41,6 @@ def _translate(
     swiglu_beta: float,
     swiglu_limit: float,
 ) -> Any:
-    from onnxscript import ir
 
     sig = M3_MOE_PLUGIN
     tensors = dict(

@@ -8,6 +8,7 @@ agreement (fraction of rows whose selected expert SET matches, for int [T, k] se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -189,3 +190,15 @@ def compare_outputs(
             compare_output(name, np.asarray(actual[name]), np.asarray(exp), tol, kinds.get(name, "tensor"))
         )
     return ParityReport(step, subject, case, tol.model_dump(mode="json"), tuple(results))
+
+
+def jsonable(x: Any) -> Any:
+    """Non-finite floats (the inf metrics of a missing output) become strings, so the JSON is strict."""
+
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x

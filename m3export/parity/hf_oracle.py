@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,3 +88,42 @@ def hf_greedy(
             )
         out.append(seq[0, ids.shape[1] :].tolist())
     return out
+
+
+HF_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+def randomise_hf_weights(model: Any, seed: int, scale: float | None = None) -> None:
+    """Overwrite every parameter and persistent buffer of a transformers M3 model (norms and correction
+    biases included, which default inits leave at 0 and so prove nothing, export-notes §2). Text as
+    §7 with non-zero norms (or every non-norm tensor N(0, scale²) when `scale` is given); vision
+    weights N(0, 1/fan_in), LayerNorms 1 + N(0, 0.1²), biases N(0, 0.1²), so image features are O(1)
+    like the token embeddings they replace. One draw per tensor, in state-dict order."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = model.config.get_text_config().hidden_size
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            noise = torch.randn(t.shape, generator=g)
+            if name.startswith(HF_VISION_PREFIXES):
+                if ("layrnorm" in name or "layer_norm" in name) and name.endswith("weight"):
+                    t.copy_(1 + 0.1 * noise)
+                elif name.endswith("bias"):
+                    t.copy_(0.1 * noise)
+                else:
+                    t.copy_(noise * t[0].numel() ** -0.5)
+                continue
+            t.copy_(noise * _text_std(name, hidden, scale))
+
+
+def _text_std(name: str, hidden: int, scale: float | None) -> float:
+    if "norm" in name:
+        return 0.1
+    if scale is not None:
+        return scale
+    if "e_score_correction_bias" in name:
+        return 0.06
+    if "embed_tokens" in name:
+        return 1.0
+    if "lm_head" in name:
+        return float(hidden**-0.5)
+    return 0.02

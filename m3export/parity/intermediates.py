@@ -17,13 +17,17 @@ import inspect
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import onnx
+import torch
 
 from m3export.errors import ArtifactError
+from m3export.model import LAYER_TYPES, MOE_TYPE
+from m3export.ops.moe import route
 from m3export.parity.compare import (
     Kind,
     OutputParity,
@@ -32,18 +36,19 @@ from m3export.parity.compare import (
     compare_outputs,
     describe_bound,
 )
+from m3export.runners.ort_runner import OrtRunner
 from m3export.spec.models import Tolerance
 
-if TYPE_CHECKING:
-    import onnx
-    import torch
-
-    from m3export.runners.ort_runner import OrtRunner
-
 PREFIX = "debug."
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 # Module classes by qualified name, as the exporter's class_hierarchy metadata spells them.
-LAYER_CLASSES = ("m3export.model.text.DecoderLayer", "m3export.model.vision.M3VisionEncoderLayer")
-MOE_CLASS = "m3export.model.moe.SparseMoeBlock"
+LAYER_CLASSES = tuple(qualname(t) for t in LAYER_TYPES)
+MOE_CLASS = qualname(MOE_TYPE)
 PARTS = {"self_attn": "attn", "mlp": "ffn", "block_sparse_moe": "ffn"}  # child module -> part
 SCOPES_KEY, CLASSES_KEY, FX_NODE_KEY = (
     "pkg.torch.onnx.name_scopes",
@@ -52,13 +57,9 @@ SCOPES_KEY, CLASSES_KEY, FX_NODE_KEY = (
 )
 
 
-def qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def layer_name(path: str, cls: str) -> str:
     """Short layer name of a layer module path, e.g. `lm.model.mtp.layers.0.transformer_layer` -> `mtp.0`."""
-    if cls.endswith("VisionEncoderLayer") and (m := re.search(r"layers\.(\d+)$", path)):
+    if cls == qualname(LAYER_TYPES[1]) and (m := re.search(r"layers\.(\d+)$", path)):
         return f"vision.{m.group(1)}"
     if m := re.search(r"mtp\.layers\.(\d+)\.transformer_layer$", path):
         return f"mtp.{m.group(1)}"
@@ -95,7 +96,6 @@ class ExposedGraph:
     ) -> OrtRunner:
         """onnxruntime on the copy: `infer(feed)` returns the graph outputs and every `debug.*`. With
         `pinned_data` (location -> `PinnedFile`) the weights come from those verified descriptors."""
-        from m3export.runners.ort_runner import OrtRunner
 
         if pinned_data is not None:
             return OrtRunner.from_pinned(
@@ -125,7 +125,6 @@ def expose_intermediates(
     there; otherwise it stays in memory (`ExposedGraph.runner()` runs it either way). `graph_bytes`:
     the graph as already read (and verified), instead of reading `onnx_path` again.
     """
-    import onnx
 
     src = Path(onnx_path)
     model = (
@@ -174,7 +173,6 @@ def _scopes(model: onnx.ModelProto) -> dict[str, _Scope]:
 
 def _used_names(node: onnx.NodeProto) -> Iterator[str]:
     """Every value a node reads, including those its subgraphs (If/Loop bodies) capture."""
-    import onnx
 
     yield from node.input
     for attr in node.attribute:
@@ -186,7 +184,6 @@ def _used_names(node: onnx.NodeProto) -> Iterator[str]:
 
 def _value_types(model: onnx.ModelProto) -> dict[str, Any]:
     """value name -> TypeProto, from value_info, graph I/O and initializers."""
-    import onnx
 
     g = model.graph
     types = {v.name: v.type for v in (*g.value_info, *g.input, *g.output)}
@@ -269,7 +266,6 @@ def find_intermediates(model: onnx.ModelProto) -> dict[str, str]:
 
 def _add_outputs(model: onnx.ModelProto, names: Mapping[str, str]) -> None:
     """Append one graph output per debug name: Identity of the value, or a Cast to fp32 for other floats."""
-    import onnx
 
     types = _value_types(model)
     for debug, value in names.items():
@@ -294,7 +290,6 @@ def _add_outputs(model: onnx.ModelProto, names: Mapping[str, str]) -> None:
 
 def _first_tensor(x: Any) -> torch.Tensor:
     """A module's main output: the tensor itself, or the first item of a tuple (x, cache)."""
-    import torch
 
     while isinstance(x, tuple | list):
         x = x[0]
@@ -327,9 +322,6 @@ def capture_intermediates(
     the op's routing (`m3export.ops.moe.route`) from the block's input. `input_names` gives the
     positional order of a `forward(*tensors)` wrapper (default: its `plan.input_names`).
     """
-    import torch
-
-    from m3export.ops.moe import route
 
     captured: dict[str, np.ndarray] = {}
 
@@ -469,7 +461,6 @@ def localise(
     rep: ParityReport, got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], tol: Tolerance
 ) -> ParityReport:
     """`rep` with where a failing subgraph first diverges (layer by layer, `got` vs eager `want`)."""
-    from dataclasses import replace
 
     errors = compare_intermediates(got, want, tol)
     first = first_divergent_layer(errors)

@@ -9,10 +9,10 @@ Markdown and the plot show it when present). matplotlib is imported only to draw
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from m3export.errors import InputError
-from m3export.parity.compare import ParityReport
+from m3export.parity.compare import ParityReport, jsonable
 
 REPORT_VERSION = 1
 DERIVED_SUFFIXES = (".xml", ".md", ".png")
@@ -82,43 +82,14 @@ def report_paths(path: str | os.PathLike[str]) -> ReportPaths:
     return paths
 
 
-def write_reports(doc: dict[str, Any], path: str | os.PathLike[str]) -> tuple[Path, ...]:
-    """Write the JSON report and its JUnit, Markdown and PNG renderings; returns the four paths."""
-    paths = report_paths(path)
-    try:
-        paths.json.parent.mkdir(parents=True, exist_ok=True)
-        _write_text(paths.json, json.dumps(jsonable(doc), indent=2) + "\n")
-        _write_text(paths.junit, junit_xml(doc))
-        _write_text(paths.markdown, markdown(doc, paths.plot.name))
-        write_plot(doc, paths.plot)
-    except OSError as err:
-        raise InputError(f"--report {paths.json}: cannot write the report ({err})") from None
-    return paths.all()
-
-
-def jsonable(x: Any) -> Any:
-    """Non-finite floats (the inf metrics of a missing output) become strings, so the JSON is strict."""
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; reports are for CI and people to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def render_reports(doc: dict[str, Any], paths: ReportPaths) -> dict[Path, bytes]:
+    """The JSON report and its JUnit, Markdown and PNG renderings, by the path each goes to."""
+    return {
+        paths.json: (json.dumps(jsonable(doc), indent=2) + "\n").encode(),
+        paths.junit: junit_xml(doc).encode(),
+        paths.markdown: markdown(doc, paths.plot.name).encode(),
+        paths.plot: plot_png(doc),
+    }
 
 
 # ------------------------------------------------------------------------------- summaries
@@ -294,7 +265,7 @@ def _clip(values: Sequence[float], floor: float, ceil: float) -> list[float]:
     return [ceil if not math.isfinite(v) else max(v, floor) for v in values]
 
 
-def write_plot(doc: dict[str, Any], path: Path) -> None:
+def plot_png(doc: dict[str, Any]) -> bytes:
     """Per step: max abs error of every subgraph (chain order) and case vs its tolerance, log scale.
 
     Zeros sit on the bottom edge and missing outputs / runner errors on the top edge (red). A
@@ -314,8 +285,7 @@ def write_plot(doc: dict[str, Any], path: Path) -> None:
         )
         axes[0].text(0.5, 0.5, msg, ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
-        fig.savefig(path, dpi=100)
-        return
+        return _png(fig)
     finite = [
         v
         for e in results
@@ -329,7 +299,14 @@ def write_plot(doc: dict[str, Any], path: Path) -> None:
     if layered:
         _plot_layers(axes[len(steps)], layered, floor, ceil)
     fig.suptitle(f"m3export check {doc.get('artifacts', '')}: {_TITLES.get(doc.get('status', ''), '')}")
-    fig.savefig(path, dpi=100)
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
 
 def _plot_step(
@@ -376,3 +353,22 @@ def _plot_layers(ax: Any, entries: list[dict[str, Any]], floor: float, ceil: flo
     ax.set_title("per layer")
     ax.grid(True, which="major", axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
+
+
+def parity_rows(reports: Sequence[ParityReport]) -> list[tuple[str, ...]]:
+    """(subgraph, step, case, output, max_abs, cosine, top1, verdict) per output of every report."""
+    rows: list[tuple[str, ...]] = []
+    for r in reports:
+        if r.skipped is not None:
+            rows.append((r.subject, r.step, r.case, "-", "-", "-", "-", f"SKIP ({r.skipped})"))
+            continue
+        if r.error is not None or not r.outputs:
+            rows.append((r.subject, r.step, r.case, "-", "-", "-", "-", f"FAIL ({r.error})"))
+            continue
+        for o in r.outputs:
+            top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+            verdict = "pass" if o.passed else "FAIL: " + "; ".join(o.failures)
+            rows.append(
+                (r.subject, r.step, r.case, o.name, f"{o.max_abs:.3g}", f"{o.cosine:.7f}", top1, verdict)
+            )
+    return rows

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from m3export.errors import ArtifactError
-from m3export.split.plan import SubgraphPlan
+from m3export.split.inputs import media_feed
+from m3export.split.plan import KINDS, SubgraphPlan
 
 Run = Callable[[SubgraphPlan, dict[str, np.ndarray]], dict[str, np.ndarray]]
 Cache = dict[str, np.ndarray]  # "past.{layer}.{key|value|index_key}" -> array
@@ -121,9 +122,9 @@ def run_chain(
     values.setdefault("mtp_lookahead_ids", np.zeros((ids.shape[0], _lookahead(plans)), np.int64))
     feeds: dict[str, dict[str, np.ndarray]] = {}
     for plan in plans:
-        if plan.kind == "vision":  # once for the images, once for the videos (§4.6)
+        if KINDS[plan.kind].per_media:  # the vision subgraph: once for the images, once for the videos (§4.6)
             for media, feed in _vision_feeds(values).items():
-                name = plan.name if media == "image" else f"{plan.name}:{media}"
+                name = media_feed(plan.name, media)
                 feeds[name] = feed
                 values[f"{media}_features"] = checked_outputs(plan, run(plan, feed))["image_features"]
             for media in ("image", "video"):

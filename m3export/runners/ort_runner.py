@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime
+import onnxruntime as ort
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from m3export.errors import ArtifactError, RuntimeVersionError
+from m3export.ops.lowering import get_lowering, lowering_names
 
 
 class OrtRunner:
@@ -21,7 +27,6 @@ class OrtRunner:
         num_threads: int = 0,
         external_data_dir: Path | None = None,
     ) -> None:
-        import onnxruntime as ort
 
         where = external_data_dir if isinstance(onnx_path, bytes) else onnx_path
         self.name = f"ort:{Path(str(where)).name}"
@@ -47,7 +52,6 @@ class OrtRunner:
     def from_pinned(cls, graph: Any, data: dict[str, Any], name: str) -> OrtRunner:
         """A runner on pinned files (`m3export.artifacts.PinnedFile`): the graph's bytes and its external
         data files (by location) read through the descriptors that were hashed, never by name again."""
-        import onnxruntime as ort
 
         runner = cls.__new__(cls)
         runner.name = name
@@ -90,9 +94,6 @@ ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "
 
 def installed_onnxruntime() -> tuple[str, list[str]]:
     """(the imported onnxruntime's version, every ONNX Runtime distribution installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import onnxruntime
 
     found = []
     for dist in ORT_DISTRIBUTIONS:
@@ -107,10 +108,6 @@ def onnxruntime_problem(valid: str, lowering: str, installed: str | None = None)
     """Why the installed onnxruntime must not run graphs of `lowering` valid on `valid` (a PEP 440
     specifier), or None. Graphs on a runtime outside their measured range compute wrong numbers
     silently (export-notes §4), so they are refused, naming the lowerings that would work."""
-    from packaging.specifiers import InvalidSpecifier, SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    from m3export.ops.lowering import get_lowering, lowering_names
 
     have, dists = installed_onnxruntime()
     have = installed or have

@@ -23,8 +23,8 @@ class TrtRunner:
     def __init__(
         self, engine_path: Path, plugin_records: Sequence[Mapping[str, Any]] = (), name: str | None = None
     ) -> None:
-        from m3export.trt.engine import engine_io, tensorrt_unavailable
-        from m3export.trt.plugin import register_from_manifest
+        from m3export.export.trt.engine import engine_io, tensorrt_unavailable
+        from m3export.ops.trt_plugin import register_from_manifest
 
         engine_path = Path(engine_path)
         self.name = name or f"trt:{engine_path.name}"
@@ -50,10 +50,9 @@ class TrtRunner:
         self.input_names, self.output_names = engine_io(self.engine)
 
     @classmethod
-    def from_manifest(cls, root: Path, manifest: Mapping[str, Any], subgraph: str) -> TrtRunner:
+    def from_entry(cls, root: Path, subgraph: str, entry: Mapping[str, Any] | None) -> TrtRunner:
         """The runner of `subgraph`'s engine in an artifact directory (`--backend trt`), with the
-        plugins its manifest entry records; ArtifactError naming the reason when there is none."""
-        entry = (manifest.get("subgraphs") or {}).get(subgraph, {}).get("trt")
+        plugins its manifest `trt` entry records; ArtifactError naming the reason when there is none."""
         if not entry:
             raise ArtifactError(
                 f"{root}: subgraph {subgraph} has no TensorRT build; build with export.targets [onnx, trt]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +294,6 @@ def _read_json(path: Path, what: str, limit: int) -> Any:
 
 
 def _count_mtp_depths(d: Path) -> int:
-    import re
 
     keys: list[str] = []
     index = d / "model.safetensors.index.json"
@@ -369,36 +369,6 @@ def to_hf_config(spec: M3Spec) -> dict[str, Any]:
         "text_config": text,
         "vision_config": vision,
     }
-
-
-def write_spec_yaml(spec: M3Spec, output: Path) -> Path:
-    """Write `spec` as YAML to `output` atomically; InputError for a missing directory, a directory
-    or other non-regular file at `output`, or a write failure (nothing half-written is left)."""
-    import os
-    import tempfile
-
-    from m3export.errors import InputError
-
-    text = spec_yaml(spec)
-    if output.is_symlink() or (output.exists() and not output.is_file()):
-        raise InputError(f"-o {output}: exists and is not a regular file")
-    if not output.parent.is_dir():
-        raise InputError(f"-o {output}: directory {output.parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    except OSError as err:
-        raise InputError(f"-o {output}: cannot write there ({err.strerror})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, output)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise InputError(f"-o {output}: cannot write it ({err.strerror})") from None
-    return output
 
 
 def spec_yaml(spec: M3Spec) -> str:

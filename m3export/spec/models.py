@@ -12,6 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from m3export.spec.defaults import default_tolerances
+from m3export.spec.lowerings import ort_lowering_names
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -335,7 +338,9 @@ class TrtSpec(_Strict):
 
 class ExportSpec(_Strict):
     targets: list[Literal["onnx", "trt"]] = ["onnx"]
-    moe: Literal["ort", "portable"] = Field("ort", description="MoE lowering of the ONNX Runtime graphs")
+    moe: str = Field(
+        "ort", description="MoE lowering of the ONNX Runtime graphs: ort, portable, or a registered one"
+    )
     opset: int = Field(23, ge=18, le=23)
     trt: TrtSpec | None = Field(None, description="TensorRT settings; defaults when 'trt' is a target")
 
@@ -345,6 +350,17 @@ class ExportSpec(_Strict):
         if isinstance(data, dict) and "trt" in (data.get("targets") or ()) and data.get("trt") is None:
             data = {**data, "trt": {}}
         return data
+
+    @model_validator(mode="after")
+    def _known_lowering(self) -> ExportSpec:
+
+        if self.moe not in ort_lowering_names():
+            raise ValueError(
+                f"export.moe {self.moe!r} is not an MoE lowering for ONNX Runtime; accepted values: "
+                f"{', '.join(ort_lowering_names())} (others once registered with "
+                "m3export.ops.lowering.register_lowering)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _trt_target(self) -> ExportSpec:
@@ -376,7 +392,6 @@ class M3Spec(_Strict):
         """Steps the spec omits get the defaults for its dtype (their reasons say where they come from)."""
         if not isinstance(data, dict):
             return data
-        from m3export.spec.defaults import default_tolerances
 
         given = data.get("tolerances")
         if given is not None and not isinstance(given, dict):

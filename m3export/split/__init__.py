@@ -1,4 +1,8 @@
-"""Stage plan (which modules go where) and subgraph wrappers with explicit named I/O."""
+"""Stage plan (which modules go where, named I/O declared once) and the subgraph wrappers.
+
+Files: plan.py (`SubgraphPlan`, the kinds' traits, stage boundaries), subgraphs.py (the wrappers:
+`forward(*tensors)` in plan order), inputs.py (golden cases, their inputs, trace inputs, case ids).
+"""
 
 from m3export.split.plan import (
     SubgraphPlan,

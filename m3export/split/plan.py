@@ -10,13 +10,33 @@ owned by the text stages — the use is declared in `shared_uses`, and the ONNX 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from m3export.errors import SpecError
 from m3export.spec.models import M3Spec
 
 Dim = str | int
+Kind = Literal["vision", "text", "mtp"]
+
+
+@dataclass(frozen=True)
+class KindTraits:
+    """What the code needs to know of a subgraph kind, as data (not `kind ==` branches)."""
+
+    spec_sections: tuple[str, ...]  # spec sections the exported graph depends on (its cache key)
+    ignores: tuple[str, ...] = ()  # fields of those sections it does not depend on
+    main: bool = True  # part of the main model's forward (MTP is a draft head beside it)
+    per_media: bool = False  # runs once per medium (the prompt's images, its videos), not on the prompt
+
+
+KINDS: dict[str, KindTraits] = {
+    "vision": KindTraits(("vision", "multimodal"), per_media=True),
+    # A text stage sees whether MTP exists only through its plan (the extra final_hidden_states output).
+    "text": KindTraits(("text", "multimodal"), ignores=("text.num_mtp_modules",)),
+    "mtp": KindTraits(("text",), main=False),
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +56,7 @@ class SubgraphPlan:
     """One exported subgraph."""
 
     name: str
-    kind: Literal["vision", "text", "mtp"]
+    kind: Kind
     modules: tuple[str, ...]
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
@@ -60,6 +80,23 @@ class SubgraphPlan:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SubgraphPlan:
+        """The plan `to_json` wrote (other keys of a manifest entry are ignored)."""
+
+        def sigs(items: Any) -> tuple[TensorSig, ...]:
+            return tuple(TensorSig(t["name"], t["dtype"], tuple(t["dims"])) for t in items)
+
+        return cls(
+            name=data["name"],
+            kind=data["kind"],
+            modules=tuple(data["modules"]),
+            inputs=sigs(data["inputs"]),
+            outputs=sigs(data["outputs"]),
+            layers=tuple(data["layers"]),
+            shared_uses=tuple((m, o) for m, o in data["shared_uses"]),
+        )
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -126,98 +163,109 @@ def cache_sigs(spec: M3Spec, layer: str, sparse: bool) -> tuple[list[TensorSig],
 
 def plan_subgraphs(spec: M3Spec) -> list[SubgraphPlan]:
     """Every subgraph of the build, in execution order: vision?, text_0..text_{N-1}, mtp?."""
-    act = spec.dtype
-    t = spec.text
-    root = "language_model." if spec.is_vl else ""
-    hidden = t.hidden_size
-    ids = TensorSig("input_ids", "int64", ("batch", "seq"))
-    pos = TensorSig("position_ids", "int64", ("batch", "seq"))
-    plans: list[SubgraphPlan] = []
-    if spec.is_vl:
-        assert spec.vision is not None
-        v = spec.vision
-        rot = 3 * (2 * ((v.head_dim // 3) // 2))  # 3 axes x axis_dim/2 freqs, NeoX-duplicated (§4.3)
-        plans.append(
-            SubgraphPlan(
-                name="vision",
-                kind="vision",
-                modules=("vision_tower.vision_model", "multi_modal_projector", "patch_merge_mlp"),
-                inputs=(
-                    TensorSig("pixel_values", act, ("patches", v.patch_dim)),
-                    TensorSig("vision_cos", "float32", ("patches", rot)),
-                    TensorSig("vision_sin", "float32", ("patches", rot)),
-                    TensorSig("vision_segment_ids", "int64", ("patches",)),
-                ),
-                outputs=(TensorSig("image_features", act, ("image_tokens", hidden)),),
-            )
-        )
+    plans = [_vision_plan(spec)] if spec.is_vl else []
     ranges = stage_layer_ranges(spec)
-    last = len(ranges) - 1
-    for i, (start, end) in enumerate(ranges):
-        modules: list[str] = []
-        inputs: list[TensorSig] = []
-        if i == 0:
-            modules.append(f"{root}model.embed_tokens")
-            inputs.append(ids)
-            if spec.is_vl:
-                inputs.append(TensorSig("image_features", act, ("image_tokens", hidden)))
-                # The vision subgraph run on the prompt's videos (§4.6), spliced at video placeholders.
-                inputs.append(TensorSig("video_features", act, ("video_tokens", hidden)))
-        else:
-            inputs.append(boundary_sig(spec, start))
-        inputs.append(pos)
-        modules += [f"{root}model.layers.{j}" for j in range(start, end)]
-        if i == last:
-            modules += [f"{root}model.norm", f"{root}lm_head"]
-            outputs = [TensorSig("logits", act, ("batch", "seq", t.vocab_size))]
-            if t.num_mtp_modules:
-                outputs.append(TensorSig("final_hidden_states", act, ("batch", "seq", hidden)))
-        else:
-            outputs = [boundary_sig(spec, end)]
-        for j in range(start, end):
-            past, present = cache_sigs(spec, str(j), t.is_sparse_layer(j))
-            inputs += past
-            outputs += present
-        plans.append(
-            SubgraphPlan(
-                name=f"text_{i}",
-                kind="text",
-                modules=tuple(modules),
-                inputs=tuple(inputs),
-                outputs=tuple(outputs),
-                layers=tuple(range(start, end)),
-            )
-        )
-    if t.num_mtp_modules:
-        # mtp_input_ids[:, i] is the token after position i (input_ids shifted left by one, §3.2); the
-        # caller supplies it so that decoding can give the real next token at the last position.
-        mtp_in = [
-            TensorSig("final_hidden_states", act, ("batch", "seq", hidden)),
-            TensorSig("mtp_input_ids", "int64", ("batch", "seq")),
-            pos,
-        ]
-        if t.num_mtp_modules > 1:  # depth d >= 1 reads d tokens past the chunk (zeros when unknown)
-            mtp_in.append(TensorSig("mtp_lookahead_ids", "int64", ("batch", t.num_mtp_modules - 1)))
-        mtp_out = [
-            TensorSig(f"mtp_logits.{d}", act, ("batch", "seq", t.vocab_size))
-            for d in range(t.num_mtp_modules)
-        ]
-        for d in range(t.num_mtp_modules):  # the MTP block is always MSA (§3.1)
-            past, present = cache_sigs(spec, f"mtp.{d}", t.uses_sparse_attention)
-            mtp_in += past
-            mtp_out += present
-        plans.append(
-            SubgraphPlan(
-                name="mtp",
-                kind="mtp",
-                modules=tuple(f"{root}model.mtp.layers.{d}" for d in range(t.num_mtp_modules)),
-                inputs=tuple(mtp_in),
-                outputs=tuple(mtp_out),
-                shared_uses=((f"{root}model.embed_tokens", "text_0"), (f"{root}lm_head", f"text_{last}")),
-            )
-        )
+    plans += [
+        _text_plan(spec, i, start, end, last=i == len(ranges) - 1) for i, (start, end) in enumerate(ranges)
+    ]
+    if spec.text.num_mtp_modules:
+        plans.append(_mtp_plan(spec, last_stage=f"text_{len(ranges) - 1}"))
     validate_plan(spec, plans)
     return plans
+
+
+def _root(spec: M3Spec) -> str:
+    return "language_model." if spec.is_vl else ""
+
+
+def _ids(name: str) -> TensorSig:
+    return TensorSig(name, "int64", ("batch", "seq"))
+
+
+def _vision_plan(spec: M3Spec) -> SubgraphPlan:
+    """pixel patches + host-computed RoPE cos/sin and segment ids -> merged features (§4)."""
+    assert spec.vision is not None
+    v, act = spec.vision, spec.dtype
+    rot = 3 * (2 * ((v.head_dim // 3) // 2))  # 3 axes x axis_dim/2 freqs, NeoX-duplicated (§4.3)
+    return SubgraphPlan(
+        name="vision",
+        kind="vision",
+        modules=("vision_tower.vision_model", "multi_modal_projector", "patch_merge_mlp"),
+        inputs=(
+            TensorSig("pixel_values", act, ("patches", v.patch_dim)),
+            TensorSig("vision_cos", "float32", ("patches", rot)),
+            TensorSig("vision_sin", "float32", ("patches", rot)),
+            TensorSig("vision_segment_ids", "int64", ("patches",)),
+        ),
+        outputs=(TensorSig("image_features", act, ("image_tokens", spec.text.hidden_size)),),
+    )
+
+
+def _text_plan(spec: M3Spec, i: int, start: int, end: int, *, last: bool) -> SubgraphPlan:
+    """Text stage i over layers [start, end): stage 0 embeds (and splices the vision features), the
+    last one adds norm + lm_head; every stage takes and returns its layers' KV caches (§2.3, §5)."""
+    t, act, root = spec.text, spec.dtype, _root(spec)
+    modules: list[str] = []
+    inputs: list[TensorSig] = []
+    if i == 0:
+        modules.append(f"{root}model.embed_tokens")
+        inputs.append(_ids("input_ids"))
+        if spec.is_vl:
+            inputs.append(TensorSig("image_features", act, ("image_tokens", t.hidden_size)))
+            # The vision subgraph run on the prompt's videos (§4.6), spliced at video placeholders.
+            inputs.append(TensorSig("video_features", act, ("video_tokens", t.hidden_size)))
+    else:
+        inputs.append(boundary_sig(spec, start))
+    inputs.append(_ids("position_ids"))
+    modules += [f"{root}model.layers.{j}" for j in range(start, end)]
+    if last:
+        modules += [f"{root}model.norm", f"{root}lm_head"]
+        outputs = [TensorSig("logits", act, ("batch", "seq", t.vocab_size))]
+        if t.num_mtp_modules:
+            outputs.append(TensorSig("final_hidden_states", act, ("batch", "seq", t.hidden_size)))
+    else:
+        outputs = [boundary_sig(spec, end)]
+    for j in range(start, end):
+        past, present = cache_sigs(spec, str(j), t.is_sparse_layer(j))
+        inputs += past
+        outputs += present
+    return SubgraphPlan(
+        name=f"text_{i}",
+        kind="text",
+        modules=tuple(modules),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        layers=tuple(range(start, end)),
+    )
+
+
+def _mtp_plan(spec: M3Spec, last_stage: str) -> SubgraphPlan:
+    """The MTP depths with their caches; they use the embedding of text_0 and the last stage's lm_head.
+    mtp_input_ids[:, i] is the token after position i (input_ids shifted left by one, §3.2); the caller
+    supplies it so that decoding can give the real next token at the last position."""
+    t, act, root = spec.text, spec.dtype, _root(spec)
+    mtp_in = [
+        TensorSig("final_hidden_states", act, ("batch", "seq", t.hidden_size)),
+        _ids("mtp_input_ids"),
+        _ids("position_ids"),
+    ]
+    if t.num_mtp_modules > 1:  # depth d >= 1 reads d tokens past the chunk (zeros when unknown)
+        mtp_in.append(TensorSig("mtp_lookahead_ids", "int64", ("batch", t.num_mtp_modules - 1)))
+    mtp_out = [
+        TensorSig(f"mtp_logits.{d}", act, ("batch", "seq", t.vocab_size)) for d in range(t.num_mtp_modules)
+    ]
+    for d in range(t.num_mtp_modules):  # the MTP block is always MSA (§3.1)
+        past, present = cache_sigs(spec, f"mtp.{d}", t.uses_sparse_attention)
+        mtp_in += past
+        mtp_out += present
+    return SubgraphPlan(
+        name="mtp",
+        kind="mtp",
+        modules=tuple(f"{root}model.mtp.layers.{d}" for d in range(t.num_mtp_modules)),
+        inputs=tuple(mtp_in),
+        outputs=tuple(mtp_out),
+        shared_uses=((f"{root}model.embed_tokens", "text_0"), (f"{root}lm_head", last_stage)),
+    )
 
 
 def validate_plan(spec: M3Spec, plans: list[SubgraphPlan]) -> None:

@@ -130,11 +130,19 @@ class MTPStage(_NamedInputs):
         return (*logits, *(t for d, c in enumerate(presents) for t in _present(f"mtp.{d}", c)))
 
 
+# The wrapper of each subgraph kind, from the full eager model (VL or text-only) and the plan.
+def _lm(model: nn.Module) -> Any:
+    """The causal LM inside a VL model (`language_model`), or the text-only model itself."""
+    return getattr(model, "language_model", model)
+
+
+STAGE_OF_KIND: dict[str, Any] = {
+    "vision": lambda model, plan: VisionStage(model, plan),
+    "text": lambda model, plan: TextStage(_lm(model), plan, getattr(model, "multimodal", None)),
+    "mtp": lambda model, plan: MTPStage(_lm(model), plan),
+}
+
+
 def build_stage(model: nn.Module, plan: SubgraphPlan) -> nn.Module:
     """The wrapper module of one planned subgraph; `model` is the full eager model (VL or text-only)."""
-    lm: Any = getattr(model, "language_model", model)
-    if plan.kind == "vision":
-        return VisionStage(model, plan).eval()
-    if plan.kind == "text":
-        return TextStage(lm, plan, getattr(model, "multimodal", None)).eval()
-    return MTPStage(lm, plan).eval()
+    return STAGE_OF_KIND[plan.kind](model, plan).eval()

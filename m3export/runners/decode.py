@@ -1,4 +1,5 @@
-"""Greedy generation with the built subgraphs and their KV cache, with optional MTP speculative decoding.
+"""Greedy decoding through a chain of subgraph runners and their KV cache, with optional MTP speculative
+decoding: one library function for `m3export generate`, build step e and `check`.
 
 Plain decoding: one prefill of the prompt through vision? + text stages, then one one-token call per
 new token; `present.*` outputs become the next call's `past.*` inputs.
@@ -14,7 +15,6 @@ Output is therefore the plain greedy output. One draft per round: the MXFP8 rele
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 from m3export.errors import InputError
 from m3export.runners.chain import Cache, run_chain, truncate_cache
 from m3export.spec import M3Spec
-from m3export.split.plan import SubgraphPlan
+from m3export.split.plan import KINDS, SubgraphPlan
 
 OnToken = Callable[[int], None]
 
@@ -57,8 +57,8 @@ class _Decoder:
 
     def __init__(self, spec: M3Spec, plans: Sequence[SubgraphPlan], run: Callable[..., Any]) -> None:
         self.hidden = spec.text.hidden_size
-        self.main = [p for p in plans if p.kind != "mtp"]
-        self.mtp = next((p for p in plans if p.kind == "mtp"), None)
+        self.main = [p for p in plans if KINDS[p.kind].main]
+        self.mtp = next((p for p in plans if not KINDS[p.kind].main), None)
         self.run = run
         self.cache: Cache | None = None  # main stages
         self.mtp_cache: Cache | None = None
@@ -105,7 +105,7 @@ def generate_tokens(
             f"the prompt has {prompt_len} tokens (images expanded); the spec's maximum length "
             f"(text.max_position_embeddings) is {limit}"
         )
-    if mtp and not any(p.kind == "mtp" for p in plans):
+    if mtp and all(KINDS[p.kind].main for p in plans):
         raise InputError("--mtp needs an MTP subgraph, but this build has none (text.num_mtp_modules is 0)")
     dec = _Decoder(spec, plans, run)
     eos = spec.text.eos_token_id
@@ -164,42 +164,3 @@ def _step(ids: list[int], pos: int) -> dict[str, np.ndarray]:
         "input_ids": np.array([ids], np.int64),
         "position_ids": np.arange(pos, pos + len(ids), dtype=np.int64)[None, :],
     }
-
-
-def generate_artifacts(
-    artifacts: str | os.PathLike,
-    backend: str,
-    input_ids: str,
-    images: Sequence[str | os.PathLike] = (),
-    max_new_tokens: int = 32,
-    *,
-    mtp: bool = False,
-    on_token: OnToken | None = None,
-    videos: Sequence[str | os.PathLike] = (),
-    key: bytes | None = None,
-) -> GenerateResult:
-    """The `generate` command: load a build, prepare the prompt as `run` does, decode greedily."""
-    import time
-
-    from m3export.memory import require_memory, runtime_memory_bytes
-    from m3export.run import BACKENDS, load_artifacts, make_runners, prepare_inputs
-
-    if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    arts = load_artifacts(artifacts, key)
-    inp, _ = prepare_inputs(arts.spec, input_ids, images, videos)
-    total = min(int(inp["input_ids"].shape[1]) + max_new_tokens, arts.spec.text.max_position_embeddings)
-    require_memory(runtime_memory_bytes(arts.spec, total), f"generate up to {total} tokens")
-    runners = make_runners(arts, backend)
-    start = time.perf_counter()
-    result = generate_tokens(
-        arts.spec,
-        arts.plans,
-        lambda plan, feed: runners[plan.name].infer(feed),
-        {k: v.numpy() for k, v in inp.items()},
-        max_new_tokens,
-        mtp=mtp,
-        on_token=on_token,
-    )
-    result.backend, result.seconds = backend, time.perf_counter() - start
-    return result

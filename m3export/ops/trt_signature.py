@@ -20,10 +20,9 @@ import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from onnx.defs import OpSchema
+from onnx.defs import OpSchema
 
 TensorDtype = Literal["T", "float32"]  # "T": the engine dtype (fp32 / fp16 / bf16)
 
@@ -104,7 +103,6 @@ class PluginSignature:
 
 @functools.cache
 def _onnx_schema(sig: PluginSignature) -> OpSchema:
-    from onnx.defs import OpSchema
 
     def formal(p: TensorParam) -> OpSchema.FormalParameter:
         return OpSchema.FormalParameter(p.name, "T" if p.dtype == "T" else "R")

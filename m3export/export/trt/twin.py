@@ -18,15 +18,18 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import onnx
+import torch
+from torch import nn
+
+import m3export.ops.moe  # noqa: F401  (registers torch.ops.m3.moe)
 from m3export.export.onnx_export import STACK_TRACE_KEY
-from m3export.ops.lowering import FOLD_KEY
-from m3export.trt.plugin import decode_attributes
-from m3export.trt.signature import M3_MOE_PLUGIN
-
-if TYPE_CHECKING:
-    import onnx
+from m3export.export.trt.graph_check import value_types
+from m3export.ops.lowering import FOLD_KEY, get_lowering
+from m3export.ops.trt_plugin import decode_attributes
+from m3export.ops.trt_signature import M3_MOE_PLUGIN
 
 TWIN_KEY = "m3export.twin_of"
 
@@ -41,9 +44,6 @@ class TwinArtifact:
 
 
 def _template_key(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[Any, ...]:
-    import onnx
-
-    from m3export.trt.graph_check import value_types
 
     types, _ = value_types(model)
     inits = {i.name: i for i in model.graph.initializer}
@@ -60,12 +60,6 @@ def _template_key(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[Any, ..
 @functools.cache
 def _template(key: tuple[Any, ...], lowering_name: str) -> bytes:
     """Serialized ONNX of `m3::moe` lowered by `lowering_name`, inputs named as the plugin's."""
-    import onnx
-    import torch
-    from torch import nn
-
-    import m3export.ops.moe  # noqa: F401  (registers torch.ops.m3.moe)
-    from m3export.ops.lowering import get_lowering
 
     act_type, weights, attrs, opset = key
     consts = [v for _, v in attrs]
@@ -107,7 +101,6 @@ def _template(key: tuple[Any, ...], lowering_name: str) -> bytes:
 def _spliced(template: onnx.ModelProto, node: onnx.NodeProto) -> tuple[list[Any], list[Any], list[Any]]:
     """The template's nodes, initializers and value_info, renamed under the plugin node's name and
     wired to its inputs and output."""
-    import onnx
 
     g = template.graph
     prefix = f"{node.name}/twin/"
@@ -148,7 +141,6 @@ def _spliced(template: onnx.ModelProto, node: onnx.NodeProto) -> tuple[list[Any]
 
 def make_ort_twin(trt_onnx: Path, out_path: Path | None = None, lowering: str = "ort") -> TwinArtifact:
     """Write the twin of `trt_onnx` (default `<stem>.twin.onnx` beside it) and return it."""
-    import onnx
 
     trt_onnx = Path(trt_onnx)
     out = Path(out_path) if out_path is not None else trt_onnx.with_name(trt_onnx.stem + ".twin.onnx")

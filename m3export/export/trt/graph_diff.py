@@ -14,10 +14,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import onnx
+import onnx
 
 FX_NODE_KEY = "pkg.torch.onnx.fx_node"
 _MOE_TARGET = "torch.ops.m3.moe.default"
@@ -54,7 +53,6 @@ def moe_region_of(node: onnx.NodeProto) -> str | None:
 def _tensor_key(t: onnx.TensorProto, base_dir: Path | None = None) -> Canonical:
     """A constant by content (dtype, dims, data), whatever its name; external data is read from
     `base_dir` (metadata only without one)."""
-    import onnx
 
     if t.external_data:
         if base_dir is None:
@@ -68,7 +66,6 @@ def _tensor_key(t: onnx.TensorProto, base_dir: Path | None = None) -> Canonical:
 
 
 def _attr_key(node: onnx.NodeProto) -> tuple[Any, ...]:
-    import onnx
 
     out = []
     for a in sorted(node.attribute, key=lambda a: a.name):
@@ -79,6 +76,26 @@ def _attr_key(node: onnx.NodeProto) -> tuple[Any, ...]:
             value = tuple(value)
         out.append((a.name, value))
     return tuple(out)
+
+
+def _regions(g: Any) -> tuple[dict[str, list[Any]], dict[str, set[str]], dict[str, list[str]]]:
+    """Per MoE region: its nodes, the values it produces, and those read outside it (or graph outputs)."""
+    regions: dict[str, list[Any]] = {}
+    for node in g.node:
+        region = moe_region_of(node)
+        if region is not None:
+            regions.setdefault(region, []).append(node)
+    region_outputs = {r: {o for n in ns for o in n.output} for r, ns in regions.items()}
+    consumed_outside: dict[str, list[str]] = {r: [] for r in regions}
+    graph_outputs = {o.name for o in g.output}
+    for node in g.node:
+        for x in node.input:
+            for r, outs in region_outputs.items():
+                if x in outs and moe_region_of(node) != r and x not in consumed_outside[r]:
+                    consumed_outside[r].append(x)
+    for r, outs in region_outputs.items():
+        consumed_outside[r] += sorted((outs & graph_outputs) - set(consumed_outside[r]))
+    return regions, region_outputs, consumed_outside
 
 
 def canonical_form(
@@ -101,21 +118,8 @@ def canonical_form(
                 named_inits[name] = (init.data_type, tuple(init.dims))
     consts = {o: n for n in g.node if n.op_type == "Constant" for o in n.output}
 
-    regions: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        region = moe_region_of(node)
-        if region is not None:
-            regions.setdefault(region, []).append(node)
-    region_outputs = {r: {o for n in ns for o in n.output} for r, ns in regions.items()}
-    consumed_outside: dict[str, list[str]] = {r: [] for r in regions}
+    regions, region_outputs, consumed_outside = _regions(g)
     graph_outputs = {o.name for o in g.output}
-    for node in g.node:
-        for x in node.input:
-            for r, outs in region_outputs.items():
-                if x in outs and moe_region_of(node) != r and x not in consumed_outside[r]:
-                    consumed_outside[r].append(x)
-    for r, outs in region_outputs.items():
-        consumed_outside[r] += sorted((outs & graph_outputs) - set(consumed_outside[r]))
 
     canon: list[Canonical] = []
     emitted: set[str] = set()
@@ -166,7 +170,6 @@ def canonical_form(
 
 def diff_onnx_files(a: Path, b: Path) -> GraphDiff:
     """`diff_graphs` of two ONNX files (weights are not loaded; folded constants are)."""
-    import onnx
 
     return diff_graphs(
         onnx.load(a, load_external_data=False), onnx.load(b, load_external_data=False), a.parent, b.parent

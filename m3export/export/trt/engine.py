@@ -130,7 +130,7 @@ def build_engine(
     the updated timing cache. Needs TensorRT and a GPU (see `tensorrt_unavailable`)."""
     import tensorrt as trt
 
-    from m3export.trt.plugin import register_plugin
+    from m3export.ops.trt_plugin import register_plugin
 
     start = time.perf_counter()
     register_plugin()

@@ -1,4 +1,5 @@
-"""Golden cases and trace inputs of a build: the inputs every parity step and `check` run on.
+"""Golden cases, their inputs and the trace inputs of a build: what every parity step and `check` run on,
+and the names of the case variants (the one place their spelling lives).
 
 Trace shapes differ from every golden shape so that the exported graphs are validated at shapes other
 than the ones they were traced at (export-notes §7); golden cases cover seq 12 (MSA == dense) and 40
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from m3export.errors import InputError
 from m3export.spec import M3Spec
@@ -23,6 +24,34 @@ from m3export.split.plan import HIDDEN_PREFIX, SubgraphPlan
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 16, 5
 TRACE_GRIDS: tuple[tuple[int, int, int], ...] = ((1, 4, 4), (1, 4, 8))  # 48 patches, 12 image tokens
 TRACE_VIDEO = (2, 4, 4)  # 8 video tokens in row 0 after its 4 image tokens
+
+
+# Case ids: a golden case `c` also has variants `c.decode` (its last one-token decode step through the
+# cache) and `c.video` (the vision subgraph on its video); comparisons of a chained step run by backend
+# B are labelled `c:B`. The chain names the vision subgraph's video feed `vision:video`.
+DECODE_SUFFIX, VIDEO_SUFFIX = ".decode", ".video"
+
+
+def decode_case(case: str) -> str:
+    return case + DECODE_SUFFIX
+
+
+def video_case(case: str) -> str:
+    return case + VIDEO_SUFFIX
+
+
+def base_case(case: str) -> str:
+    """The golden case a variant or a labelled comparison belongs to: `c.decode`, `c:ort` -> `c`."""
+    return case.split(":", 1)[0].split(".", 1)[0]
+
+
+def labelled(case: str, backend: str) -> str:
+    return f"{case}:{backend}"
+
+
+def media_feed(subgraph: str, media: str) -> str:
+    """The chain's feed name of a subgraph run on one medium: `vision` (images), `vision:video`."""
+    return subgraph if media == "image" else f"{subgraph}:{media}"
 
 
 @dataclass(frozen=True)
@@ -102,28 +131,6 @@ def case_inputs(spec: M3Spec, case: GoldenCase, seed: int) -> dict[str, Tensor]:
     out["input_ids"] = ids
     out["position_ids"] = torch.arange(case.seq)[None, :].expand(case.batch, case.seq).contiguous()
     return out
-
-
-def full_eager_outputs(model: nn.Module, spec: M3Spec, inp: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Reference outputs of the full eager model, named as the plan's final outputs."""
-    with torch.no_grad():
-        if spec.is_vl:
-            out = model(
-                inp["input_ids"],
-                inp.get("pixel_values"),
-                inp.get("image_grid_thw"),
-                inp["position_ids"],
-                pixel_values_videos=inp.get("pixel_values_videos"),
-                video_grid_thw=inp.get("video_grid_thw"),
-            )
-        else:
-            out = model(inp["input_ids"], position_ids=inp["position_ids"])
-    ref = {"logits": out.logits}
-    if spec.text.num_mtp_modules:
-        ref["final_hidden_states"] = out.hidden_states
-        for d, t in enumerate(out.mtp_per_depth_logits or []):
-            ref[f"mtp_logits.{d}"] = t
-    return ref
 
 
 def to_numpy(t: Tensor) -> np.ndarray:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import onnx
+import onnx
+
+from m3export.export.trt.graph_check import value_types
 
 REWRITE_KEY = "m3export.trt_rewrite"
 CAST_BOOL = "cast-bool-inputs"
@@ -53,7 +53,6 @@ class _Graph:
     """Value types / infos of the model being rewritten, and helpers to emit tagged nodes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        from m3export.trt.graph_check import value_types
 
         self.types, self.ranks = value_types(model)
         self.infos = {v.name: v for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
@@ -66,7 +65,6 @@ class _Graph:
         self.nodes.append(node)
 
     def info(self, name: str, elem_type: int, like: str, dims: list[int] | None = None) -> None:
-        import onnx
 
         vi = onnx.ValueInfoProto()
         if like in self.infos:
@@ -83,7 +81,6 @@ class _Graph:
 
 
 def _cast_bool_inputs(g: _Graph, node: onnx.NodeProto) -> bool:
-    import onnx
 
     bool_t = onnx.TensorProto.BOOL
     rule = BOOL_CASTS.get(node.op_type)
@@ -114,7 +111,6 @@ def _cast_bool_inputs(g: _Graph, node: onnx.NodeProto) -> bool:
 
 
 def _attention_mask_4d(g: _Graph, node: onnx.NodeProto) -> bool:
-    import onnx
 
     if node.op_type != "Attention" or len(node.input) < 4 or not node.input[3]:
         return False

@@ -25,17 +25,16 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from m3export.artifacts.layout import MANIFEST_FILES, SEAL, TIMING_CACHE
+from m3export.artifacts.manifest import MANIFEST, listed_files
 from m3export.errors import OutputError
 
-MANIFEST = "manifest.json"
-BUILD_OWN_FILES = ("manifest.json", "manifest.sha256", "manifest.sig", "trt_timing.cache")
 STAGING_INFIX = ".staging-"
 _NAME_MAX = 255
 _RENAME_EXCHANGE = 2
@@ -56,7 +55,7 @@ def failed_path(out: Path) -> Path:
 
 def is_build(path: Path) -> bool:
     """A directory holding an m3export manifest and its seal."""
-    return (path / MANIFEST).is_file() and (path / "manifest.sha256").is_file()
+    return (path / MANIFEST).is_file() and (path / SEAL).is_file()
 
 
 def _foreign_entry(out: Path) -> str | None:
@@ -69,13 +68,10 @@ def _foreign_entry(out: Path) -> str | None:
         return None
     if not is_build(out):
         return ", ".join(entries[:3]) + (f", ... {len(entries) - 3} more" if len(entries) > 3 else "")
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-        listed = {rel for sub in manifest["subgraphs"].values() for rel in sub["files"]} | set(
-            BUILD_OWN_FILES
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    files = listed_files(out)
+    if files is None:
         return MANIFEST + " (not a readable m3export manifest)"
+    listed = files | set(MANIFEST_FILES) | {TIMING_CACHE}
     dirs = {rel.split("/", 1)[0] for rel in listed if "/" in rel}
     for dirpath, dirnames, filenames in os.walk(out):
         rel_dir = Path(dirpath).relative_to(out).as_posix()
@@ -248,3 +244,21 @@ def interrupted_publish_hint(root: Path) -> str:
             "run `m3export build` again (it restores it) or rename it back"
         )
     return ""
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A fresh staging directory beside OUT for the block (call only while holding OUT's lock): removed
+    unless the block published it; a write failure (disk full, read-only, permissions) becomes one
+    OutputError line saying nothing was published."""
+    staging = new_staging_dir(out)
+    try:
+        yield staging
+    except OSError as err:
+        where = err.filename or staging
+        raise OutputError(
+            f"--out {out}: writing the build failed ({err.strerror}: {where}); nothing was published"
+        ) from None
+    finally:
+        if staging.exists():  # not published: an exception or an interrupt
+            shutil.rmtree(staging, ignore_errors=True)

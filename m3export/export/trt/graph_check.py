@@ -14,12 +14,11 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from m3export.trt.signature import ACT_TRT_TOKENS, M3_MOE_PLUGIN, PluginSignature
+import onnx
 
-if TYPE_CHECKING:
-    import onnx
+from m3export.ops.trt_signature import ACT_TRT_TOKENS, M3_MOE_PLUGIN, PluginSignature
 
 OPS_FILE = "onnx_tensorrt_ops.json"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -51,7 +50,7 @@ class SupportedOps:
 @functools.cache
 def load_supported_ops() -> SupportedOps:
     """The packaged operator matrix (m3export/trt/onnx_tensorrt_ops.json)."""
-    data = json.loads(resources.files("m3export.trt").joinpath(OPS_FILE).read_text())
+    data = json.loads(resources.files("m3export.export.trt").joinpath(OPS_FILE).read_text())
     return SupportedOps(source=data["source"], operators=data["operators"])
 
 
@@ -84,7 +83,6 @@ class TrtGraphReport:
 
 def elem_token(elem_type: int) -> str:
     """ONNX element type -> the token the operator matrix uses (FP32, BF16, INT64, ...)."""
-    import onnx
 
     name = onnx.TensorProto.DataType.Name(elem_type)
     table = {"FLOAT": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16", "DOUBLE": "DOUBLE"}
@@ -119,7 +117,6 @@ def _constant_values(model: onnx.ModelProto) -> set[str]:
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    import onnx
 
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -156,7 +153,6 @@ def check_plugin_node(
     sig: PluginSignature = M3_MOE_PLUGIN,
 ) -> list[str]:
     """Problems of one plugin node against the registered signature (empty list: it matches)."""
-    import onnx
 
     problems: list[str] = []
     attrs = _attrs(node)

@@ -4,7 +4,7 @@ A key hashes everything the exported graph depends on: the subgraph's plan (modu
 I/O), the slice of the spec that shapes it, the bytes of every weight it owns or uses, the MoE lowering,
 the trace shapes, the versions of torch / onnx / onnxscript / onnxruntime and the m3export source
 itself. Nothing is reused because a file exists: the previous build must also pass `check`'s integrity
-verification (m3export.integrity), so a damaged or edited artifact is rebuilt.
+verification (m3export.artifacts.verify), so a damaged or edited artifact is rebuilt.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from m3export.artifacts import MANIFEST, read_manifest
+from m3export.artifacts.manifest import MANIFEST, Manifest, SubgraphEntry
+from m3export.errors import ArtifactError
 from m3export.spec import M3Spec, spec_hash
-from m3export.split.plan import SubgraphPlan
+from m3export.split.plan import KINDS, SubgraphPlan
+from m3export.artifacts.verify import verify_artifacts
 
 
 @cache
 def source_digest() -> str:
     """sha256 over the m3export package's Python sources (a code change invalidates every key)."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the m3export package
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())
@@ -49,17 +51,16 @@ def weights_digest(model: nn.Module, prefixes: list[str]) -> str:
 
 
 def spec_slice(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Any]:
-    """The parts of the spec the exported graph of `plan` depends on (beyond its plan)."""
+    """The parts of the spec the exported graph of `plan` depends on (beyond its plan): its kind's
+    spec sections (`split.plan.KINDS`) without the fields the kind ignores."""
     data = spec.model_dump(mode="json")
+    traits = KINDS[plan.kind]
     out: dict[str, Any] = {"dtype": data["dtype"], "export": {k: data["export"][k] for k in ("moe", "opset")}}
-    if plan.kind == "vision":
-        out |= {"vision": data["vision"], "multimodal": data["multimodal"]}
-        return out
-    text = dict(data["text"])
-    if plan.kind == "text":  # a text stage only sees whether MTP exists (its extra output), via the plan
-        text.pop("num_mtp_modules")
-        out["multimodal"] = data["multimodal"]
-    out["text"] = text
+    for section in traits.spec_sections:
+        values = data[section]
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if f"{section}.{k}" not in traits.ignores}
+        out[section] = values
     return out
 
 
@@ -85,40 +86,38 @@ def subgraph_key(
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def previous_build(out: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
-    """The manifest of a passing build in `out` that passes check's integrity verification, else None."""
-    from m3export.errors import ArtifactError
-    from m3export.integrity import verify_artifacts
+def previous_build(out: Path, say: Callable[[str], None]) -> tuple[Manifest, Path] | None:
+    """The manifest (and directory) of a passing build in `out` that passes check's integrity
+    verification, else None. A partial build counts: its unchanged subgraphs carry over too."""
 
     if not (out / MANIFEST).is_file():
         return None
     try:
-        verify_artifacts(out, complete=False)  # a partial build's unchanged subgraphs carry over too
-        manifest = read_manifest(out)
+        manifest = verify_artifacts(out, complete=False).manifest
     except ArtifactError as err:
         say(f"previous build in {out} is not reusable: {err}")
         return None
-    return manifest if manifest.get("status") == "pass" else None
+    return (manifest, out) if manifest.status == "pass" else None
 
 
-def up_to_date(prev: dict[str, Any], spec: M3Spec, keys: dict[str, str]) -> bool:
+def up_to_date(prev: Manifest, spec: M3Spec, keys: dict[str, str]) -> bool:
     """Same spec and the same subgraphs with the same keys: nothing to rebuild."""
-    subs = prev.get("subgraphs", {})
     return (
-        prev.get("spec_hash") == spec_hash(spec)
-        and set(subs) == set(keys)
-        and all(subs[n].get("key") == k for n, k in keys.items())
+        prev.spec_hash == spec_hash(spec)
+        and set(prev.subgraphs) == set(keys)
+        and all(prev.subgraphs[n].key == k for n, k in keys.items())
     )
 
 
-def reuse_onnx(
-    prev: dict[str, Any] | None, out: Path, name: str, key: str, sub_dir: Path
-) -> dict[str, Any] | None:
+def reuse_onnx(prev: tuple[Manifest, Path] | None, name: str, key: str, sub_dir: Path) -> SubgraphEntry | None:
     """Copy a subgraph's ONNX files from the previous build when its key matches; its manifest entry."""
-    sub = (prev or {}).get("subgraphs", {}).get(name)
-    if sub is None or sub.get("key") != key:
+    if prev is None:
         return None
-    for rel in sub["files"]:
+    manifest, root = prev
+    sub = manifest.subgraphs.get(name)
+    if sub is None or sub.key != key:
+        return None
+    for rel in sub.files:
         if rel.endswith((".onnx", ".onnx.data")):
-            shutil.copy2(out / rel, sub_dir / Path(rel).name)  # verified by _previous_build
-    return dict(sub)
+            shutil.copy2(root / rel, sub_dir / Path(rel).name)  # verified by previous_build
+    return sub

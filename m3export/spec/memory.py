@@ -70,18 +70,9 @@ def cache_bytes(spec: M3Spec, length: int, batch: int = 1) -> int:
     return batch * length * per * layers * DTYPE_BYTES[spec.dtype]
 
 
-def forward_memory_bytes(spec: M3Spec, seq: int, batch: int = 1) -> int:
-    """`model forward`: the eager model resident plus one prompt's activations."""
-    return (
-        weight_bytes(spec)
-        + activation_bytes(spec, seq, batch)
-        + cache_bytes(spec, seq, batch)
-        + RUNTIME_OVERHEAD
-    )
-
-
-def runtime_memory_bytes(spec: M3Spec, seq: int, batch: int = 1) -> int:
-    """`run` / `generate` / `check`: every subgraph's session (its weights) plus one prompt's activations."""
+def resident_memory_bytes(spec: M3Spec, seq: int, batch: int = 1) -> int:
+    """`model forward`, `run`, `generate`, `check`: the weights resident once (the eager model, or every
+    subgraph's session) plus one prompt's activations and its cache."""
     return (
         weight_bytes(spec)
         + activation_bytes(spec, seq, batch)

@@ -24,10 +24,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from m3export.artifacts import sha256_file
+from m3export.artifacts.io import sha256_file
+from m3export.artifacts.layout import TIMING_CACHE
+from m3export.build.trt_result import Golden, TrtResult, failed_report
+from m3export.export.trt.engine import ProfileShapes, profile_shapes, resolve_precision
 from m3export.parity.compare import ParityReport, compare_outputs, kinds_by_name
-from m3export.trt.engine import ProfileShapes, profile_shapes, resolve_precision
-from m3export.trt.result import Golden, TrtResult, failed_report
+from m3export.export.onnx_export import export_onnx
+from m3export.ops.lowering import get_lowering
+import onnx
+from m3export.export.trt.graph_check import check_trt_graph
+from m3export.export.trt.graph_diff import diff_graphs
+from m3export.export.trt.rewrites import apply_trt_rewrites
+from m3export.ops.lowering import count_nodes
+from m3export.spec.models import TrtSpec
+from m3export.export.trt.twin import make_ort_twin
+from m3export.runners.ort_runner import OrtRunner
+from m3export.export.trt.engine import build_engine, tensorrt_unavailable
+from m3export.ops.trt_plugin import plugin_record
+from m3export.runners.trt_runner import TrtRunner
+from m3export.split.inputs import trace_inputs
+from m3export.export.trt.graph_check import load_supported_ops
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -63,8 +79,6 @@ def _export_trt_onnx(
     axes: Mapping[str, Mapping[int, str]],
     path: Path,
 ) -> Any:
-    from m3export.export.onnx_export import export_onnx
-    from m3export.ops.lowering import get_lowering
 
     return export_onnx(
         stage,
@@ -79,12 +93,7 @@ def _export_trt_onnx(
 
 def _graph_steps(res: TrtResult, path: Path, ort_onnx: Path | None) -> None:
     """Rewrites, graph check and (with the ORT graph) graph diff, recorded into `res`."""
-    import onnx
 
-    from m3export.ops.lowering import count_nodes
-    from m3export.trt.graph_check import check_trt_graph
-    from m3export.trt.graph_diff import diff_graphs
-    from m3export.trt.rewrites import apply_trt_rewrites
 
     model = onnx.load(path, load_external_data=False)
     res.rewrites = apply_trt_rewrites(model)
@@ -131,7 +140,6 @@ def build_trt_targets(
     Raises SpecError for a spec the target cannot honour (precision, profile dims); every other
     failure is recorded in the result.
     """
-    from m3export.spec.models import TrtSpec
 
     start = time.perf_counter()
     trt_spec = spec.export.trt or TrtSpec()
@@ -140,7 +148,7 @@ def build_trt_targets(
     res = TrtResult(plan.name, precision, {k: [list(s) for s in v] for k, v in shapes.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     _cpu_steps(res, spec, plan, stage, out_dir, trace_inputs, dynamic_axes, golden, ort_onnx, say)
-    cache = Path(trt_spec.timing_cache or timing_cache or out_dir.parent / "trt_timing.cache")
+    cache = Path(trt_spec.timing_cache or timing_cache or out_dir.parent / TIMING_CACHE)
     _engine_steps(res, plan, trt_spec, shapes, golden, cache, say)
     made = (
         res.onnx_path,
@@ -166,8 +174,6 @@ def _cpu_steps(
     say: Callable[[str], None],
 ) -> None:
     """Steps 1-5: export, rewrites, graph check, graph diff, twin and its parity."""
-    from m3export.runners.ort_runner import OrtRunner
-    from m3export.trt.twin import make_ort_twin
 
     path = out_dir / f"{plan.name}.trt.onnx"
     say(f"[trt export] {plan.name} (plugin lowering, {res.precision})")
@@ -205,7 +211,6 @@ def _engine_steps(
 ) -> None:
     """Step 6: build the engine where TensorRT and a GPU are present (else skipped, with the reason),
     then compare it with the eager subgraph when `export.trt.tolerances.engine` is set."""
-    from m3export.trt.engine import build_engine, tensorrt_unavailable
 
     reason = tensorrt_unavailable()
     if reason is None and not res.checks_passed:
@@ -239,8 +244,6 @@ def _engine_steps(
     tol = trt_spec.tolerances.engine
     if tol is None:
         return
-    from m3export.runners.trt_runner import TrtRunner
-    from m3export.trt.plugin import plugin_record
 
     try:
         reports = _compare(
@@ -257,21 +260,17 @@ def trt_for_subgraph(
     plan: SubgraphPlan,
     stage: nn.Module,
     sub_dir: Path,
-    golden: dict[str, dict[str, np.ndarray]],
+    feeds: Mapping[str, dict[str, np.ndarray]],
+    eager: Mapping[str, dict[str, np.ndarray]],
     onnx_path: Path,
     staging: Path,
     say: Callable[[str], None],
 ) -> Any:
     """The TensorRT flavour of one subgraph (docs/tensorrt.md): plugin-lowered ONNX, CPU checks, ORT
-    twin parity, and the engine where TensorRT and a GPU exist (else a skipped report)."""
-    from m3export.goldens import trace_inputs
+    twin parity, and the engine where TensorRT and a GPU exist (else a skipped report). `feeds` /
+    `eager`: the golden feeds and the eager outputs, by golden case."""
 
-    cases = sorted({k.split("/", 1)[0] for k in golden["inputs"]})
-
-    def case_values(kind: str, case: str) -> dict[str, np.ndarray]:
-        return {k.split("/", 1)[1]: v for k, v in golden[kind].items() if k.startswith(case + "/")}
-
-    pairs = {c: (case_values("inputs", c), case_values("outputs", c)) for c in cases}
+    pairs = {c: (feeds[c], eager[c]) for c in sorted(feeds)}
     return build_trt_targets(
         spec,
         plan,
@@ -281,7 +280,7 @@ def trt_for_subgraph(
         plan.dynamic_axes,
         pairs,
         ort_onnx=onnx_path if onnx_path.is_file() else None,
-        timing_cache=staging / "trt_timing.cache",
+        timing_cache=staging / TIMING_CACHE,
         say=say,
     )
 
@@ -290,12 +289,10 @@ def trt_manifest_section(spec: M3Spec, results: list[Any], staging: Path) -> dic
     """The top-level `trt` section: aggregate status, plugin records, the operator list's source."""
     if "trt" not in spec.export.targets:
         return {}
-    from m3export.trt.graph_check import load_supported_ops
-    from m3export.trt.plugin import plugin_record
 
     statuses = {r.status for r in results}
     status = "fail" if "fail" in statuses else "skipped" if "skipped" in statuses else "pass"
-    cache = staging / "trt_timing.cache"
+    cache = staging / TIMING_CACHE
     return {
         "trt": {
             "status": status,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from m3export.errors import ArtifactError
-from m3export.trt.signature import M3_MOE_PLUGIN, PluginSignature
+from m3export.ops.trt_signature import M3_MOE_PLUGIN, PluginSignature
 
 _REGISTERED: set[str] = set()
 
@@ -205,7 +205,7 @@ def plugin_record(sig: PluginSignature = M3_MOE_PLUGIN) -> dict[str, Any]:
         "id": sig.plugin_id,
         "version": sig.version,
         "onnx_op": f"{sig.domain}::{sig.name}",
-        "provider": "m3export.trt.plugin.register_plugin (tensorrt.plugin, JIT impl in torch)",
+        "provider": "m3export.ops.trt_plugin.register_plugin (tensorrt.plugin, JIT impl in torch)",
         "digest": sig.digest(),
         "signature": sig.to_json(),
     }

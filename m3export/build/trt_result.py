@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from m3export.export.trt.engine import EngineArtifact
 from m3export.parity.compare import ParityReport
-from m3export.trt.engine import EngineArtifact
+from m3export.ops.trt_signature import M3_MOE_PLUGIN
+from m3export.ops.trt_plugin import plugin_record
 
 if TYPE_CHECKING:
-    from m3export.trt.graph_check import TrtGraphReport
-    from m3export.trt.graph_diff import GraphDiff
-    from m3export.trt.rewrites import Rewrite
+    from m3export.export.trt.graph_check import TrtGraphReport
+    from m3export.export.trt.graph_diff import GraphDiff
+    from m3export.export.trt.rewrites import Rewrite
 
 Golden = Mapping[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]  # case -> (feed, eager outputs)
 EngineStatus = Literal["built", "skipped", "failed", "not run"]
@@ -57,7 +59,6 @@ class TrtResult:
 
     def manifest_entry(self) -> dict[str, Any]:
         """The `trt` section of this subgraph in manifest.json."""
-        from m3export.trt.plugin import plugin_record
 
         eng = self.engine
         return {
@@ -95,7 +96,6 @@ def _relative(path: Path | None, onnx_path: Path | None) -> str | None:
 
 
 def _plugin_key() -> str:
-    from m3export.trt.signature import M3_MOE_PLUGIN
 
     return f"{M3_MOE_PLUGIN.domain}::{M3_MOE_PLUGIN.name}"
 

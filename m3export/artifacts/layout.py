@@ -1,0 +1,61 @@
+"""Where each file of an artifact directory lives (one place for every path a build writes and a
+reader opens). `root` is the artifact directory; a subgraph's files live in `root/<name>/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GOLDEN_KINDS = ("inputs", "outputs", "intermediates")
+TIMING_CACHE = "trt_timing.cache"
+
+
+def subgraph_dir(root: Path, name: str) -> Path:
+    return root / name
+
+
+def onnx_name(name: str) -> str:
+    return f"{name}.onnx"
+
+
+def onnx_file(root: Path, name: str) -> Path:
+    return subgraph_dir(root, name) / onnx_name(name)
+
+
+def data_name(name: str) -> str:
+    """The external-data file of the ONNX Runtime graph."""
+    return f"{name}.onnx.data"
+
+
+def trt_onnx_name(name: str) -> str:
+    return f"{name}.trt.onnx"
+
+
+def engine_name(name: str) -> str:
+    return f"{name}.engine"
+
+
+def engine_file(root: Path, name: str) -> Path:
+    return subgraph_dir(root, name) / engine_name(name)
+
+
+def golden_name(kind: str) -> str:
+    assert kind in GOLDEN_KINDS, kind
+    return f"golden_{kind}.npz"
+
+
+def golden_rel(name: str, kind: str) -> str:
+    """A golden file relative to the artifact root, as the manifest lists it."""
+    return f"{name}/{golden_name(kind)}"
+
+
+def onnx_rel(name: str) -> str:
+    return f"{name}/{onnx_name(name)}"
+
+
+def engine_rel(name: str) -> str:
+    return f"{name}/{engine_name(name)}"
+
+
+SEAL = "manifest.sha256"
+SIGNATURE = "manifest.sig"
+MANIFEST_FILES = ("manifest.json", SEAL, SIGNATURE)  # the top-level files of every build
