@@ -118,9 +118,10 @@ def _spliced(template: onnx.ModelProto, node: onnx.NodeProto) -> tuple[list[Any]
         n.name = prefix + (tn.name or tn.output[0])
         n.input[:] = [rn(x) for x in tn.input]
         n.output[:] = [rn(x) for x in tn.output]
-        keep = [p for p in tn.metadata_props if p.key not in (FOLD_KEY, STACK_TRACE_KEY)]
+        # The plugin node's module scopes, not the template's helper module: a twin node maps back to
+        # the MoE block it stands for, and its bytes do not depend on where the template is defined.
         del n.metadata_props[:]
-        n.metadata_props.extend(keep)
+        n.metadata_props.extend(p for p in node.metadata_props if p.key not in (FOLD_KEY, STACK_TRACE_KEY))
         n.metadata_props.add(key=TWIN_KEY, value=node.name)
         nodes.append(n)
     inits = []
