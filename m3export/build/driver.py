@@ -1,10 +1,12 @@
-"""`m3export build`: split the eager model into planned subgraphs, export each to ONNX, gate on parity.
+"""`m3export build`: split the model into planned subgraphs, export each to ONNX, gate on parity.
 
 The driver validates everything cheap first (plan, `--only`, lowering and its onnxruntime range, the
-output directory, memory and disk), takes OUT's lock, then: load the model, decide what to reuse
-(cache.py), prepare the eager side once (prepare.py), export every selected subgraph into a staging
-directory (export_step.py), run the step table (steps.py), write the manifest and publish OUT, or
-`OUT.failed` when a step failed (a previous good OUT stays intact).
+output directory, memory and disk), takes OUT's lock, then: build the model on the meta device,
+decide what to reuse (cache.py), run every subgraph's pass in plan order with only its weights
+resident (export_step.py: eager streams, export, goldens, subgraph-scoped steps), materialise the
+whole model only when it fits the budget (for the whole-model steps), run the build-scoped steps
+(steps.py), write the manifest and publish OUT, or `OUT.failed` when a step failed (a previous good
+OUT stays intact).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from m3export.artifacts.io import tool_versions
 from m3export.artifacts.manifest import SCHEMA_VERSION, Manifest, write_manifest
@@ -27,21 +31,22 @@ from m3export.artifacts.outdir import (
 )
 from m3export.artifacts.seal import seal_manifest, sign_manifest
 from m3export.build.cache import previous_build, subgraph_key, up_to_date
-from m3export.build.export_step import SubgraphExport, export_subgraph
-from m3export.build.prepare import prepare
-from m3export.build.steps import StepContext, run_steps
+from m3export.build.export_step import BuildPass, SubgraphExport, owned_modules, run_subgraph, stream_only
+from m3export.build.prepare import case_streams, final_names, full_eager_outputs
+from m3export.build.steps import Context, WholeModel, run_build_steps, run_subgraph_steps
 from m3export.build.trt_step import trt_manifest_section
 from m3export.errors import InputError
-from m3export.model.factory import load_model
+from m3export.model.factory import Weights
 from m3export.ops.lowering import get_lowering
-from m3export.parity.compare import ParityReport
-from m3export.runners.ort_runner import require_onnxruntime
+from m3export.parity.compare import ParityReport, jsonable
+from m3export.runners.ort_runner import OrtRunner, require_onnxruntime
+from m3export.runners.torch_runner import TorchRunner
 from m3export.spec import M3Spec, dump_spec, spec_hash
-from m3export.spec.memory import build_memory_bytes, require_memory
+from m3export.spec.memory import budget_bytes, require_memory, stage_memory_bytes, whole_model_bytes
 from m3export.spec.size import weight_bytes
-from m3export.split.inputs import trace_json
+from m3export.split.inputs import to_numpy, trace_json
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
-from m3export.parity.compare import jsonable
+from m3export.split.subgraphs import build_stage
 
 Progress = Callable[[str], None]
 
@@ -73,9 +78,9 @@ def build(
     sign_key: bytes | None = None,
 ) -> BuildResult:
     """Build every planned subgraph (or the `only` ones, carrying the unchanged others over) and publish
-    them with a manifest, signed with `sign_key` (an HMAC key) when given. Incremental: a subgraph whose
-    content key matches the previous passing build in `out_dir` reuses its ONNX files; when every key
-    matches, nothing is rebuilt ("up to date")."""
+    them with a manifest, signed with `sign_key` (an HMAC key) when given. One subgraph's weights are
+    resident at a time (export_step.py); incremental: a subgraph whose content key matches the previous
+    passing build in `out_dir` reuses its ONNX files, and when every key matches nothing is rebuilt."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
     plans = plan_subgraphs(spec)
@@ -85,24 +90,23 @@ def build(
     if "trt" in spec.export.targets:  # the TensorRT graphs' ORT twins use the `ort` lowering
         require_onnxruntime(get_lowering("ort").onnxruntime, "ort")
     out = check_out(out_dir, need_bytes=estimate_artifact_bytes(spec, plans))
-    require_memory(build_memory_bytes(spec), f"build {spec.name}")
+    require_memory(max(stage_memory_bytes(spec, owned_modules(p)) for p in plans), f"build {spec.name}")
     with build_lock(out):
-        say(f"load model {spec.name} ({'checkpoint' if spec.weights.checkpoint else 'random'} weights)")
-        model = load_model(spec)
-        tools = tool_versions()
-        keys = {p.name: subgraph_key(spec, p, model, moe.name, trace_json(), tools) for p in plans}
-        prev = previous_build(out, say)
-        selected = _selected(plans, keys, prev, only, out)
+        say(f"model {spec.name} on the meta device ({'checkpoint' if spec.weights.checkpoint else 'random'} weights, one subgraph at a time)")
+        weights = Weights(spec)
+        bp = _pass(spec, weights, moe, out, say)
+        selected = _selected(plans, bp.keys, bp.prev, only, out)
         remove_stale_staging(out)  # builds killed earlier (safe: we hold OUT's lock)
-        if prev is not None and up_to_date(prev[0], spec, {p.name: keys[p.name] for p in selected}) and sign_key is None:
+        if bp.prev is not None and sign_key is None and up_to_date(bp.prev[0], spec, {p.name: bp.keys[p.name] for p in selected}):
             say(f"up to date: {out} holds a passing build of every selected subgraph with the same keys")
-            return BuildResult(out, True, [], prev[0].model_dump(mode="json"), time.perf_counter() - start, up_to_date=True)
-        prep = prepare(spec, plans, model)
+            return BuildResult(out, True, [], bp.prev[0].model_dump(mode="json"), time.perf_counter() - start, up_to_date=True)
         with staging_dir(out) as staging:
-            exports = {p.name: export_subgraph(prep, p, staging, keys[p.name], prev, moe, say) for p in selected}
-            ctx = StepContext(prep, exports, len(selected) == len(plans), say)
-            reports, tokens = run_steps(ctx, spec.tolerances)
-            manifest = _manifest(spec, ctx, reports, tokens, tools, only, staging)
+            bp.staging = staging
+            exports = _run_pass(bp, plans, selected)
+            ctx = _context(bp, plans, exports, len(selected) == len(plans), say)
+            build_reports, tokens = run_build_steps(ctx, spec.tolerances)
+            weights.release([m for p in plans for m in owned_modules(p)])
+            manifest = _manifest(spec, ctx, build_reports, tokens, bp.tools, only, staging)
             passed = manifest.status == "pass"
             write_manifest(staging, manifest)
             seal_manifest(staging)  # manifest.sha256: `check` refuses a manifest edited after the build
@@ -111,8 +115,66 @@ def build(
             dest = out if passed else failed_path(out)
             publish(staging, dest)
     say(f"published {dest} ({'pass' if passed else 'FAIL'})")
-    every = [*(r for ex in exports.values() for r in _subgraph_reports(ex, reports)), *_global(reports)]
+    every = [*(r for ex in exports.values() for r in ex.reports), *build_reports]
     return BuildResult(dest, passed, every, manifest.model_dump(mode="json"), time.perf_counter() - start)
+
+
+def _pass(spec: M3Spec, weights: Weights, moe: Any, out: Path, say: Progress) -> BuildPass:
+    """The state every subgraph's pass shares; with a previous build, every subgraph's content key
+    computed ahead (each subgraph materialised, hashed and released in turn) to decide reuse."""
+    tools, trace = tool_versions(), trace_json()
+    eager = case_streams(spec, plan_subgraphs(spec))[1]
+    ort = case_streams(spec, plan_subgraphs(spec))[1]
+    bp = BuildPass(spec, weights, eager, ort, out, previous_build(out, say), moe, tools, trace, say, _subgraph_steps(spec, say))
+    if bp.prev is not None:
+        for plan in plan_subgraphs(spec):
+            modules = owned_modules(plan)
+            weights.materialise(modules)
+            bp.keys[plan.name] = subgraph_key(spec, plan, weights.model, moe.name, trace, tools)
+            weights.release(modules)
+    return bp
+
+
+def _subgraph_steps(spec: M3Spec, say: Progress) -> Callable[[Any], list[ParityReport]]:
+    return lambda sessions: run_subgraph_steps(sessions, spec.tolerances, say)
+
+
+def _run_pass(bp: BuildPass, plans: list[SubgraphPlan], selected: list[SubgraphPlan]) -> dict[str, SubgraphExport]:
+    """Every subgraph in plan order: the selected ones built, the others only streamed (their eager
+    outputs feed the later subgraphs; their files are not part of this build)."""
+    exports = {}
+    for plan in plans:
+        if plan in selected:
+            exports[plan.name] = run_subgraph(bp, plan)
+        else:
+            stream_only(bp, plan)
+    return exports
+
+
+def _context(bp: BuildPass, plans: list[SubgraphPlan], exports: dict[str, SubgraphExport], complete: bool, say: Progress) -> Context:
+    """The build-scoped steps' view; with the whole model resident when it fits the budget."""
+    spec = bp.spec
+    names = final_names(spec)
+    base = Context(spec, tuple(plans), bp.eager, bp.ort, exports, complete, bp.ort_broken, None, names, say)
+    need, budget = whole_model_bytes(spec), budget_bytes(spec)
+    if not complete or need > budget:
+        if complete:
+            say(f"whole-model steps skipped: they need about {need / 2**30:.1f} GiB, the budget is {budget / 2**30:.1f} GiB")
+        return base
+    say("whole model resident for the whole-model steps (split, generate)")
+    bp.weights.materialise([m for p in plans for m in owned_modules(p)])
+    model = bp.weights.model
+    refs = {
+        s.case.name: {k: to_numpy(v) for k, v in full_eager_outputs(model, spec, {k: torch.from_numpy(v) for k, v in s.inputs.items()}).items()}
+        for s in bp.eager
+    }
+    torch_runners = {p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names, f"torch:{p.name}") for p in plans}
+    run_ort = None
+    if base.all_exported:
+        ort = {n: OrtRunner(ex.onnx_path) for n, ex in exports.items() if ex.onnx_path is not None}
+        run_ort = lambda plan, feed: ort[plan.name].infer(feed)  # noqa: E731
+    whole = WholeModel(model, lambda plan, feed: torch_runners[plan.name].infer(feed), run_ort, refs)
+    return Context(spec, tuple(plans), bp.eager, bp.ort, exports, complete, bp.ort_broken, whole, names, say)
 
 
 def estimate_artifact_bytes(spec: M3Spec, plans: Sequence[SubgraphPlan]) -> int:
@@ -146,18 +208,9 @@ def _selected(
     return selected
 
 
-def _subgraph_reports(ex: SubgraphExport, reports: list[ParityReport]) -> list[ParityReport]:
-    """A subgraph's own reports: its steps' (by subject) and its TensorRT target's."""
-    return [r for r in reports if r.subject == ex.plan.name] + [r for r in ex.reports if r.step != "onnx"]
-
-
-def _global(reports: list[ParityReport]) -> list[ParityReport]:
-    return [r for r in reports if r.subject == "pipeline"]
-
-
 def _manifest(
     spec: M3Spec,
-    ctx: StepContext,
+    ctx: Context,
     reports: list[ParityReport],
     tokens: dict[str, dict[str, list[int]]],
     tools: dict[str, str],
@@ -166,7 +219,7 @@ def _manifest(
 ) -> Manifest:
     """The build's record. A gate that compared nothing has not passed; a skipped check never counts."""
     moe = get_lowering(spec.export.moe)
-    every = [*(r for ex in ctx.exports.values() for r in _subgraph_reports(ex, reports)), *_global(reports)]
+    every = [*(r for ex in ctx.exports.values() for r in ex.reports), *reports]
     passed = any(r.passed for r in every) and not any(r.failed for r in every)
     subgraphs = {
         name: {
@@ -176,7 +229,7 @@ def _manifest(
             "reused": ex.reused,
             "node_counts": ex.node_counts,
             "export_seconds": ex.export_seconds,
-            "parity": [r.to_json() for r in _subgraph_reports(ex, reports)],
+            "parity": [r.to_json() for r in ex.reports],
             **({"trt": ex.trt.manifest_entry()} if ex.trt is not None else {}),
         }
         for name, ex in ctx.exports.items()
@@ -195,11 +248,11 @@ def _manifest(
         "trace_shapes": trace_json(),
         "golden_cases": [
             {"name": c.name, "batch": c.batch, "seq": c.seq, "grids": [list(g) for g in c.grids], "video": list(c.video) if c.video else None}
-            for c in ctx.prep.cases
+            for c in (s.case for s in ctx.eager)
         ],
         "subgraphs": subgraphs,
         **trt,
-        "parity": [r.to_json() for r in _global(reports)],
+        "parity": [r.to_json() for r in reports],
         # Step e's tokens (ORT; equal to torch's and transformers' when the build passed), re-run by check.
         "golden_tokens": tokens,
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +213,26 @@ def load_checkpoint(
     dequantized = sorted(k for k in disk if k + SCALE_SUFFIX in disk)
     files = sorted({d.file for d in disk.values()})
     return LoadReport(loaded=sorted(own), skipped=sorted(skipped), dequantized=dequantized, files=files)
+
+
+class CheckpointSource:
+    """An HF-layout checkpoint validated once against a (meta) model, then read module by module:
+    `fill(modules)` loads every tensor under those module paths (which must already be allocated,
+    e.g. by `to_empty`), one checkpoint tensor at a time."""
+
+    def __init__(self, model: nn.Module, path: str | Path) -> None:
+        self.model = model
+        self.path = Path(path)
+        disk = read_checkpoint(self.path)
+        own = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+        self.disk, self.skipped = _select(disk, own)
+        _check_match(self.path, native_to_hf(own), self.disk)
+
+    def fill(self, modules: Sequence[str]) -> None:
+        own = self.model.state_dict(keep_vars=True)
+        for name, t in own.items():
+            if any(name.startswith(m + ".") for m in modules):
+                _materialise(self.model, name, t.detach(), self.disk, None)
 
 
 def _select(disk: dict[str, DiskTensor], own: dict[str, Tensor]) -> tuple[dict[str, DiskTensor], list[str]]:

@@ -50,9 +50,13 @@ def correction_bias_std(hidden: int) -> float:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int) -> None:
-    """Initialise every parameter and the correction-bias buffers of an M3 model in place."""
+def init_weights(model: nn.Module, seed: int, only: tuple[str, ...] | None = None) -> None:
+    """Initialise every parameter and the correction-bias buffers of an M3 model in place; with `only`
+    (module paths relative to `model`) just the modules under them. A tensor's values depend only on
+    (seed, its name), so any subset gives the values the whole model would."""
     for mod_name, mod in model.named_modules():
+        if only is not None and not any(mod_name == o or mod_name.startswith(o + ".") for o in only):
+            continue
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, GemmaRMSNorm):
             _fill(mod.weight, seed, prefix + "weight", NORM_STD)

@@ -142,6 +142,31 @@ def run_chain(
     return ChainResult(values, feeds, new_cache)
 
 
+def chunk_inputs(
+    plans: Sequence[SubgraphPlan], inputs: dict[str, np.ndarray], bounds: Sequence[int]
+) -> list[dict[str, np.ndarray]]:
+    """A prompt's inputs as chunks [0, b0), [b0, b1), ..., [b_last, S): ids and positions sliced, MTP's
+    next ids (the prompt's shift_left(input_ids)) sliced with the tokens deeper depths read past each
+    chunk, and the vision inputs with the first chunk (which must hold every placeholder)."""
+    ids = inputs["input_ids"]
+    seq = ids.shape[1]
+    edges = [0, *bounds, seq]
+    assert all(a < b for a, b in itertools.pairwise(edges)), edges
+    next_ids = inputs.get("mtp_input_ids", shift_left(ids))
+    ahead = _lookahead(plans)
+    padded = np.concatenate([next_ids, np.zeros((ids.shape[0], ahead), np.int64)], axis=1)
+    per_seq = {"input_ids", "position_ids"}
+    chunks = []
+    for i, (a, b) in enumerate(itertools.pairwise(edges)):
+        chunk = {k: v[:, a:b] for k, v in inputs.items() if k in per_seq}
+        chunk["mtp_input_ids"] = next_ids[:, a:b]
+        chunk["mtp_lookahead_ids"] = padded[:, b : b + ahead]  # deeper MTP depths read past the chunk
+        if i == 0:
+            chunk.update({k: v for k, v in inputs.items() if k not in per_seq and k != "mtp_input_ids"})
+        chunks.append(chunk)
+    return chunks
+
+
 def run_chunks(
     plans: Sequence[SubgraphPlan],
     inputs: dict[str, np.ndarray],
@@ -151,29 +176,13 @@ def run_chunks(
     hidden_size: int,
     outputs: Sequence[str],
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
-    """Run a prompt as chunks [0, b0), [b0, b1), ..., [b_last, S) through the cache (chunked prefill
-    then decode steps); returns `outputs` concatenated over the sequence and the last chunk's feeds.
-
-    Vision inputs go with the first chunk, which must hold every image placeholder. MTP gets the
-    prompt's shift_left(input_ids), sliced, so the result equals one prompt forward.
-    """
-    ids = inputs["input_ids"]
-    seq = ids.shape[1]
-    edges = [0, *bounds, seq]
-    assert all(a < b for a, b in itertools.pairwise(edges)), edges
-    next_ids = inputs.get("mtp_input_ids", shift_left(ids))
-    ahead = _lookahead(plans)
-    padded = np.concatenate([next_ids, np.zeros((ids.shape[0], ahead), np.int64)], axis=1)
-    per_seq = {"input_ids", "position_ids"}
+    """Run a prompt as chunks (`chunk_inputs`) through the cache (chunked prefill then decode steps);
+    returns `outputs` concatenated over the sequence and the last chunk's feeds. The result equals one
+    prompt forward."""
     cache: Cache | None = None
     parts: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
     feeds: dict[str, dict[str, np.ndarray]] = {}
-    for i, (a, b) in enumerate(itertools.pairwise(edges)):
-        chunk = {k: v[:, a:b] for k, v in inputs.items() if k in per_seq}
-        chunk["mtp_input_ids"] = next_ids[:, a:b]
-        chunk["mtp_lookahead_ids"] = padded[:, b : b + ahead]  # deeper MTP depths read past the chunk
-        if i == 0:
-            chunk.update({k: v for k, v in inputs.items() if k not in per_seq and k != "mtp_input_ids"})
+    for chunk in chunk_inputs(plans, inputs, bounds):
         result = run_chain(plans, chunk, run, cache, hidden_size=hidden_size)
         cache, feeds = result.cache, result.feeds
         for n in outputs:

@@ -280,6 +280,13 @@ class PipelineSpec(_Strict):
     layer_ranges: list[tuple[int, int]] | None = Field(
         None, description="explicit [start, end) layer ranges per stage; overrides num_text_stages"
     )
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        description="the most memory a build may hold at once. A build holds one subgraph's weights at a "
+        "time; the steps that need the whole model resident (split against the full model, generate, "
+        "the transformers oracle) run only when their estimate fits. Default: what the machine has",
+    )
 
 
 class TrtRange(_Strict):

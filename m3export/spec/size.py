@@ -8,6 +8,7 @@ Bytes are at the spec dtype, except the router weight and the correction bias, w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from m3export.spec.models import M3Spec, TextSpec
@@ -86,7 +87,7 @@ def total_parameters(spec: M3Spec) -> int:
     return sum(m.parameters for m in module_sizes(spec).values())
 
 
-def weight_bytes(spec: M3Spec, modules: list[str] | tuple[str, ...] | None = None) -> int:
+def weight_bytes(spec: M3Spec, modules: Sequence[str] | None = None) -> int:
     """Bytes of the named modules' weights at the spec dtype (all modules when None)."""
     sizes = module_sizes(spec)
     names = sizes if modules is None else modules
