@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from m3export.artifacts.manifest import MANIFEST, Manifest, SubgraphEntry
+from m3export.artifacts.verify import verify_artifacts
 from m3export.errors import ArtifactError
 from m3export.spec import M3Spec, spec_hash
 from m3export.split.plan import KINDS, SubgraphPlan
-from m3export.artifacts.verify import verify_artifacts
 
 
 @cache
@@ -109,7 +109,9 @@ def up_to_date(prev: Manifest, spec: M3Spec, keys: dict[str, str]) -> bool:
     )
 
 
-def reuse_onnx(prev: tuple[Manifest, Path] | None, name: str, key: str, sub_dir: Path) -> SubgraphEntry | None:
+def reuse_onnx(
+    prev: tuple[Manifest, Path] | None, name: str, key: str, sub_dir: Path
+) -> SubgraphEntry | None:
     """Copy a subgraph's ONNX files from the previous build when its key matches; its manifest entry."""
     if prev is None:
         return None

@@ -90,16 +90,30 @@ def build(
     if "trt" in spec.export.targets:  # the TensorRT graphs' ORT twins use the `ort` lowering
         require_onnxruntime(get_lowering("ort").onnxruntime, "ort")
     out = check_out(out_dir, need_bytes=estimate_artifact_bytes(spec, plans))
-    require_memory(max(stage_memory_bytes(spec, owned_modules(p)) for p in plans), f"build {spec.name}")
+    stage_peak = max(stage_memory_bytes(spec, owned_modules(p)) for p in plans)
+    require_memory(stage_peak, f"build {spec.name} (its largest subgraph)", budget_bytes(spec))
     with build_lock(out):
-        say(f"model {spec.name} on the meta device ({'checkpoint' if spec.weights.checkpoint else 'random'} weights, one subgraph at a time)")
+        say(
+            f"model {spec.name} on the meta device ({'checkpoint' if spec.weights.checkpoint else 'random'} weights, one subgraph at a time)"
+        )
         weights = Weights(spec)
         bp = _pass(spec, weights, moe, out, say)
         selected = _selected(plans, bp.keys, bp.prev, only, out)
         remove_stale_staging(out)  # builds killed earlier (safe: we hold OUT's lock)
-        if bp.prev is not None and sign_key is None and up_to_date(bp.prev[0], spec, {p.name: bp.keys[p.name] for p in selected}):
+        if (
+            bp.prev is not None
+            and sign_key is None
+            and up_to_date(bp.prev[0], spec, {p.name: bp.keys[p.name] for p in selected})
+        ):
             say(f"up to date: {out} holds a passing build of every selected subgraph with the same keys")
-            return BuildResult(out, True, [], bp.prev[0].model_dump(mode="json"), time.perf_counter() - start, up_to_date=True)
+            return BuildResult(
+                out,
+                True,
+                [],
+                bp.prev[0].model_dump(mode="json"),
+                time.perf_counter() - start,
+                up_to_date=True,
+            )
         with staging_dir(out) as staging:
             bp.staging = staging
             exports = _run_pass(bp, plans, selected)
@@ -125,7 +139,19 @@ def _pass(spec: M3Spec, weights: Weights, moe: Any, out: Path, say: Progress) ->
     tools, trace = tool_versions(), trace_json()
     eager = case_streams(spec, plan_subgraphs(spec))[1]
     ort = case_streams(spec, plan_subgraphs(spec))[1]
-    bp = BuildPass(spec, weights, eager, ort, out, previous_build(out, say), moe, tools, trace, say, _subgraph_steps(spec, say))
+    bp = BuildPass(
+        spec,
+        weights,
+        eager,
+        ort,
+        out,
+        previous_build(out, say),
+        moe,
+        tools,
+        trace,
+        say,
+        _subgraph_steps(spec, say),
+    )
     if bp.prev is not None:
         for plan in plan_subgraphs(spec):
             modules = owned_modules(plan)
@@ -139,7 +165,9 @@ def _subgraph_steps(spec: M3Spec, say: Progress) -> Callable[[Any], list[ParityR
     return lambda sessions: run_subgraph_steps(sessions, spec.tolerances, say)
 
 
-def _run_pass(bp: BuildPass, plans: list[SubgraphPlan], selected: list[SubgraphPlan]) -> dict[str, SubgraphExport]:
+def _run_pass(
+    bp: BuildPass, plans: list[SubgraphPlan], selected: list[SubgraphPlan]
+) -> dict[str, SubgraphExport]:
     """Every subgraph in plan order: the selected ones built, the others only streamed (their eager
     outputs feed the later subgraphs; their files are not part of this build)."""
     exports = {}
@@ -151,7 +179,13 @@ def _run_pass(bp: BuildPass, plans: list[SubgraphPlan], selected: list[SubgraphP
     return exports
 
 
-def _context(bp: BuildPass, plans: list[SubgraphPlan], exports: dict[str, SubgraphExport], complete: bool, say: Progress) -> Context:
+def _context(
+    bp: BuildPass,
+    plans: list[SubgraphPlan],
+    exports: dict[str, SubgraphExport],
+    complete: bool,
+    say: Progress,
+) -> Context:
     """The build-scoped steps' view; with the whole model resident when it fits the budget."""
     spec = bp.spec
     names = final_names(spec)
@@ -159,16 +193,26 @@ def _context(bp: BuildPass, plans: list[SubgraphPlan], exports: dict[str, Subgra
     need, budget = whole_model_bytes(spec), budget_bytes(spec)
     if not complete or need > budget:
         if complete:
-            say(f"whole-model steps skipped: they need about {need / 2**30:.1f} GiB, the budget is {budget / 2**30:.1f} GiB")
+            say(
+                f"whole-model steps skipped: they need about {need / 2**30:.1f} GiB, the budget is {budget / 2**30:.1f} GiB"
+            )
         return base
     say("whole model resident for the whole-model steps (split, generate)")
     bp.weights.materialise([m for p in plans for m in owned_modules(p)])
     model = bp.weights.model
     refs = {
-        s.case.name: {k: to_numpy(v) for k, v in full_eager_outputs(model, spec, {k: torch.from_numpy(v) for k, v in s.inputs.items()}).items()}
+        s.case.name: {
+            k: to_numpy(v)
+            for k, v in full_eager_outputs(
+                model, spec, {k: torch.from_numpy(v) for k, v in s.inputs.items()}
+            ).items()
+        }
         for s in bp.eager
     }
-    torch_runners = {p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names, f"torch:{p.name}") for p in plans}
+    torch_runners = {
+        p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names, f"torch:{p.name}")
+        for p in plans
+    }
     run_ort = None
     if base.all_exported:
         ort = {n: OrtRunner(ex.onnx_path) for n, ex in exports.items() if ex.onnx_path is not None}
@@ -193,7 +237,11 @@ def _check_only(only: Sequence[str] | None, plans: list[SubgraphPlan]) -> None:
 
 
 def _selected(
-    plans: list[SubgraphPlan], keys: dict[str, str], prev: tuple[Manifest, Path] | None, only: Sequence[str] | None, out: Path
+    plans: list[SubgraphPlan],
+    keys: dict[str, str],
+    prev: tuple[Manifest, Path] | None,
+    only: Sequence[str] | None,
+    out: Path,
 ) -> list[SubgraphPlan]:
     """The subgraphs to (re)export or carry over: `only`'s and the previous build's unchanged ones.
     `--only` never turns a complete build into a partial one (InputError naming what changed)."""
@@ -247,7 +295,13 @@ def _manifest(
         "complete": ctx.complete,
         "trace_shapes": trace_json(),
         "golden_cases": [
-            {"name": c.name, "batch": c.batch, "seq": c.seq, "grids": [list(g) for g in c.grids], "video": list(c.video) if c.video else None}
+            {
+                "name": c.name,
+                "batch": c.batch,
+                "seq": c.seq,
+                "grids": [list(g) for g in c.grids],
+                "video": list(c.video) if c.video else None,
+            }
             for c in (s.case for s in ctx.eager)
         ],
         "subgraphs": subgraphs,

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from m3export.export.trt.engine import EngineArtifact
-from m3export.parity.compare import ParityReport
-from m3export.ops.trt_signature import M3_MOE_PLUGIN
 from m3export.ops.trt_plugin import plugin_record
+from m3export.ops.trt_signature import M3_MOE_PLUGIN
+from m3export.parity.compare import ParityReport
 
 if TYPE_CHECKING:
     from m3export.export.trt.graph_check import TrtGraphReport

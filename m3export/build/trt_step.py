@@ -23,27 +23,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from m3export.artifacts.io import sha256_file
 from m3export.artifacts.layout import TIMING_CACHE
 from m3export.build.trt_result import Golden, TrtResult, failed_report
-from m3export.export.trt.engine import ProfileShapes, profile_shapes, resolve_precision
-from m3export.parity.compare import ParityReport, compare_outputs, kinds_by_name
 from m3export.export.onnx_export import export_onnx
-from m3export.ops.lowering import get_lowering
-import onnx
-from m3export.export.trt.graph_check import check_trt_graph
+from m3export.export.trt.engine import (
+    ProfileShapes,
+    build_engine,
+    profile_shapes,
+    resolve_precision,
+    tensorrt_unavailable,
+)
+from m3export.export.trt.graph_check import check_trt_graph, load_supported_ops
 from m3export.export.trt.graph_diff import diff_graphs
 from m3export.export.trt.rewrites import apply_trt_rewrites
-from m3export.ops.lowering import count_nodes
-from m3export.spec.models import TrtSpec
 from m3export.export.trt.twin import make_ort_twin
-from m3export.runners.ort_runner import OrtRunner
-from m3export.export.trt.engine import build_engine, tensorrt_unavailable
+from m3export.ops.lowering import count_nodes, get_lowering
 from m3export.ops.trt_plugin import plugin_record
+from m3export.parity.compare import ParityReport, compare_outputs, kinds_by_name
+from m3export.runners.ort_runner import OrtRunner
 from m3export.runners.trt_runner import TrtRunner
+from m3export.spec.models import TrtSpec
 from m3export.split.inputs import trace_inputs
-from m3export.export.trt.graph_check import load_supported_ops
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -93,7 +96,6 @@ def _export_trt_onnx(
 
 def _graph_steps(res: TrtResult, path: Path, ort_onnx: Path | None) -> None:
     """Rewrites, graph check and (with the ORT graph) graph diff, recorded into `res`."""
-
 
     model = onnx.load(path, load_external_data=False)
     res.rewrites = apply_trt_rewrites(model)

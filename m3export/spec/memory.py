@@ -114,9 +114,10 @@ def budget_bytes(spec: M3Spec) -> int:
     return have if given is None else min(have, int(given * GiB))
 
 
-def require_memory(need: int, what: str) -> None:
-    """ResourceError (one line, exit 2) when `need` bytes exceed what this machine has available."""
-    have = available_memory()
+def require_memory(need: int, what: str, have: int | None = None) -> None:
+    """ResourceError (one line, exit 2) when `need` bytes exceed what this machine has available (or
+    `have`, a smaller budget)."""
+    have = available_memory() if have is None else have
     if need > have:
         raise ResourceError(
             f"{what} needs about {need / GiB:.1f} GiB of memory; {have / GiB:.1f} GiB are available "
