@@ -146,6 +146,43 @@ def test_vl_layout_round_trips(tiny_spec: M3Spec, model: M3ForCausalLM, tmp_path
     _assert_same_state(model, text)
 
 
+def test_transformers_5_18_and_5_24_key_spellings_load_the_same(tiny_spec: M3Spec, tmp_path: Path) -> None:
+    """transformers 5.24 writes the dense-layer and vision MLPs as `mlp.*` (§6.1); 5.18's
+    save_pretrained ran its load-time rename `.block_sparse_moe.` -> `.mlp.` backwards over every key,
+    writing them as `block_sparse_moe.*`. A checkpoint written by transformers, respelled the 5.18 way,
+    loads to the same tensors; a key spelled both ways is refused."""
+    import transformers
+    from test_vl_parity import _randomise_hf
+
+    from m3export.spec import from_hf_config, to_hf_config
+
+    cfg = {k: v for k, v in to_hf_config(tiny_spec).items() if k != "architectures"}
+    hf = transformers.MiniMaxM3SparseForConditionalGeneration(transformers.MiniMaxM3VLConfig(**cfg)).eval()
+    _randomise_hf(hf, seed=7)
+    hf.save_pretrained(tmp_path / "v524")
+    (file,) = (tmp_path / "v524").glob("*.safetensors")
+    tensors = load_file(file)
+    respelled = {k.replace(".mlp.", ".block_sparse_moe."): t for k, t in tensors.items()}
+    assert sum(".mlp." in k for k in tensors) >= 2 * tiny_spec.text.num_hidden_layers  # dense + vision MLPs
+    (tmp_path / "v518").mkdir()
+    save_file(respelled, tmp_path / "v518" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "v518" / "config.json").write_text((tmp_path / "v524" / "config.json").read_text())
+
+    spec = from_hf_config(tmp_path / "v524")  # transformers writes no MTP depths
+    a = M3ForConditionalGeneration.from_config(spec, device="meta")
+    b = M3ForConditionalGeneration.from_config(spec, device="meta")
+    load_checkpoint(a, tmp_path / "v524")
+    load_checkpoint(b, tmp_path / "v518")
+    _assert_same_state(a, b)
+
+    both = dict(respelled)
+    dense = next(k for k in tensors if ".mlp.gate_proj." in k)
+    both[dense] = tensors[dense].clone()
+    save_file(both, tmp_path / "v518" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="spelled two ways"):
+        load_checkpoint(M3ForConditionalGeneration.from_config(spec, device="meta"), tmp_path / "v518")
+
+
 def test_vl_mxfp8_and_bf16_leave_vision_alone(tiny_spec: M3Spec, tmp_path: Path) -> None:
     """§6.2: the vision tower and projector/merger are not quantised; §6.1: the patch embedding stays fp32."""
     vl = M3ForConditionalGeneration.from_config(tiny_spec)

@@ -202,6 +202,41 @@ def test_ort_graph_has_exactly_one_contrib_moe(exported: Any) -> None:
         assert art.data_path is not None and art.data_path.stat().st_size > art.path.stat().st_size
 
 
+def test_folded_weights_equal_the_transforms_applied_in_numpy(exported: Any) -> None:
+    """The interleave (ort), ×scale (ort) and transposes (portable) are folded into initializers at
+    save time (lazily, one tensor at a time); their bytes equal the transforms written in numpy."""
+    for case in CASES:
+        for name in ("ort", "portable"):
+            block, art = exported[case, name]
+            gate_up = block.gate_up_proj.detach().numpy()
+            down = block.down_proj.detach().numpy()
+            e, two_i, h = gate_up.shape
+            if name == "ort":
+                interleaved = np.empty_like(gate_up)
+                interleaved[:, 0::2], interleaved[:, 1::2] = gate_up[:, : two_i // 2], gate_up[:, two_i // 2 :]
+                expected = [interleaved, down * 2.0]
+            else:
+                expected = [gate_up.transpose(0, 2, 1), down.transpose(0, 2, 1)]
+            model = onnx.load(art.path)
+            weights = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer]
+            for want in expected:
+                assert any(w.shape == want.shape and np.array_equal(w, want) for w in weights), (case, name)
+
+
+def test_export_keeps_no_reference_to_the_weights(tmp_path: Path) -> None:
+    """After export returns, nothing (onnxscript's rewrite rules included) holds the module's
+    weights: a stage-at-a-time build releases each subgraph's weights before the next."""
+    import gc
+    import weakref
+
+    block = MoEBlock(4, 2, scale=2.0, seed=3).eval()
+    refs = [weakref.ref(p) for p in block.parameters()]
+    _export(block, get_lowering("ort"), tmp_path / "m.onnx")
+    del block
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
+
+
 def test_portable_graph_uses_only_the_default_domain(exported: Any) -> None:
     for case in CASES:
         _, art = exported[case, "portable"]

@@ -246,7 +246,11 @@ def _selected(
     """The subgraphs to (re)export or carry over: `only`'s and the previous build's unchanged ones.
     `--only` never turns a complete build into a partial one (InputError naming what changed)."""
     prev_keys = {n: s.key for n, s in prev[0].subgraphs.items()} if prev is not None else {}
-    selected = [p for p in plans if not only or p.name in only or prev_keys.get(p.name) == keys[p.name]]
+    selected = [
+        p
+        for p in plans
+        if not only or p.name in only or (p.name in keys and prev_keys.get(p.name) == keys[p.name])
+    ]
     if len(selected) < len(plans) and prev is not None and set(prev_keys) == set(keys):
         stale = [p.name for p in plans if p not in selected]
         raise InputError(

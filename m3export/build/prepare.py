@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from m3export.runners.chain import chunk_inputs, run_chain
+from m3export.runners.chain import chunk_inputs, mtp_lookahead, run_chain
 from m3export.spec import M3Spec
 from m3export.split.inputs import GoldenCase, case_inputs, golden_cases, to_numpy
 from m3export.split.plan import SubgraphPlan
@@ -70,7 +70,11 @@ def case_streams(spec: M3Spec, plans: Sequence[SubgraphPlan]) -> tuple[list[Gold
     for i, c in enumerate(cases):
         arrays = {k: to_numpy(v) for k, v in case_inputs(spec, c, seed=1000 + i).items()}
         bounds = [c.seq - DECODE_STEPS + k for k in range(DECODE_STEPS)]
-        streams.append(CaseStream(c, arrays, dict(arrays), chunk_inputs(plans, arrays, bounds)))
+        # The prompt forward's MTP reads D - 1 zeros past the sequence (training semantics); sized from
+        # every plan, since each stream advances one plan at a time.
+        ahead = np.zeros((c.batch, mtp_lookahead(plans)), np.int64)
+        values = {**arrays, "mtp_lookahead_ids": ahead}
+        streams.append(CaseStream(c, arrays, values, chunk_inputs(plans, arrays, bounds)))
     return cases, streams
 
 

@@ -6,7 +6,9 @@ lowering tagged (interleave, scale) are folded into initializers here, whatever 
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 import re
 import time
 import warnings
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 import torch.fx.experimental._config as fx_config
-from onnxscript import ir, optimizer
+from onnxscript import ir
 
 import m3export.ops.moe  # noqa: F401  (torch.ops.m3.moe must exist to be counted)
 from m3export.ops.lowering import FOLD_KEY, MoELowering, check_lowered_graph, count_nodes
@@ -76,6 +79,7 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
+    release_rewriter_state()
     assert program is not None
     _fold_tagged(program.model)
     _strip_stack_traces(program.model)
@@ -135,6 +139,7 @@ def _dim_name(dim: str) -> str:
 
 
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 
 
 def _strip_stack_traces(model: object) -> None:
@@ -149,17 +154,128 @@ def _strip_stack_traces(model: object) -> None:
 
 
 def _fold_tagged(model: object) -> None:
-    """Fold the weight-transform nodes a lowering tagged, regardless of onnxscript's size limits."""
+    """Replace the weight-transform nodes a lowering tagged by initializers computed lazily.
+
+    Each folded initializer is an `ir.LazyTensor`: its values are computed from its sources when the
+    graph is saved, one tensor at a time, so folding never holds a second copy of a subgraph's expert
+    weights (a subgraph of m3-full holds ~100 GiB of them). Same names, order and values as
+    onnxscript's constant folding, which this replaces.
+    """
 
     assert isinstance(model, ir.Model)
-    tagged = {n for n in model.graph.all_nodes() if n.metadata_props.get(FOLD_KEY) == "1"}
-    if not tagged:
-        return
-    optimizer.fold_constants(model, should_fold=lambda node: True if node in tagged else None)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    for node in model.graph.all_nodes():
-        if node.metadata_props.pop(FOLD_KEY, None) is not None:
-            raise AssertionError(f"weight transform {node.op_type} ({node.name}) could not be folded")
+    graph = model.graph
+    for node in list(graph):
+        if node.metadata_props.get(FOLD_KEY) != "1":
+            continue
+        sources = [_const_tensor(v, node) for v in node.inputs]
+        (out,) = node.outputs
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        if node.op_type not in _FOLDS or attrs.get("allowzero"):
+            raise AssertionError(f"weight transform {node.op_type} ({node.name}) has no folding rule")
+        compute, infer_shape = _FOLDS[node.op_type]
+        shape = infer_shape([tuple(t.shape.numpy()) for t in sources], [_small(t) for t in sources], attrs)
+        dtype = sources[0].dtype
+        folded = ir.Value(
+            name=out.name,
+            type=ir.TensorType(dtype),
+            shape=ir.Shape(shape),
+            const_value=ir.LazyTensor(
+                functools.partial(_evaluate, compute, sources, attrs, dtype, out.name),
+                dtype=dtype,
+                shape=ir.Shape(shape),
+                name=out.name,
+            ),
+        )
+        # Provenance, as onnxscript's folding records it: the weights (and constants) it came from.
+        origins = {str(v.name) for v in node.inputs if v is not None} | {
+            o for v in node.inputs if v is not None for o in v.meta.get(FOLDED_FROM, set())
+        }
+        folded.meta[FOLDED_FROM] = origins
+        folded.metadata_props[FOLDED_FROM] = repr(sorted(origins))
+        graph.register_initializer(folded)
+        inputs = [v for v in node.inputs if v is not None]
+        ir.convenience.replace_all_uses_with(out, folded)
+        graph.remove(node, safe=True)
+        for value in inputs:
+            if value.is_initializer() and not value.uses() and not value.is_graph_output():
+                assert value.name is not None
+                graph.initializers.pop(value.name)
+
+
+def _const_tensor(value: ir.Value | None, node: ir.Node) -> ir.TensorProtocol:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None:
+        raise AssertionError(f"weight transform {node.op_type} ({node.name}) has a non-constant input")
+    return tensor
+
+
+def _small(tensor: ir.TensorProtocol) -> np.ndarray | None:
+    """The values of a shape, perm or scalar input (read); None for a weight (never read here)."""
+    return tensor.numpy() if tensor.size <= 64 else None
+
+
+def _evaluate(
+    compute: Any,
+    sources: list[ir.TensorProtocol],
+    attrs: dict[str, Any],
+    dtype: ir.DataType,
+    name: str | None,
+) -> ir.TensorProtocol:
+    array = np.ascontiguousarray(compute([t.numpy() for t in sources], attrs))
+    return ir.Tensor(array, dtype=dtype, name=name)
+
+
+Shapes = list[tuple[int, ...]]
+Smalls = list[np.ndarray | None]
+
+
+def _reshape_target(shapes: Shapes, smalls: Smalls) -> tuple[int, ...]:
+    target = smalls[1]
+    assert target is not None
+    dims = [int(d) if int(d) != 0 else shapes[0][i] for i, d in enumerate(target.tolist())]
+    if -1 in dims:
+        known = math.prod(d for d in dims if d != -1)
+        dims[dims.index(-1)] = math.prod(shapes[0]) // known
+    return tuple(dims)
+
+
+# The transforms lowerings tag (mark_fold), as ONNX defines them: op -> (values, output shape).
+_FOLDS: dict[str, tuple[Any, Any]] = {
+    "Transpose": (
+        lambda x, attrs: np.transpose(x[0], attrs.get("perm")),
+        lambda shapes, smalls, attrs: tuple(
+            shapes[0][p] for p in (attrs.get("perm") or reversed(range(len(shapes[0]))))
+        ),
+    ),
+    "Reshape": (
+        lambda x, attrs: x[0].reshape(_reshape_target([a.shape for a in x], x)),
+        lambda shapes, smalls, attrs: _reshape_target(shapes, smalls),
+    ),
+    "Mul": (
+        lambda x, attrs: np.multiply(x[0], x[1].astype(x[0].dtype)),
+        lambda shapes, smalls, attrs: tuple(np.broadcast_shapes(*shapes)),
+    ),
+}
+
+
+def release_rewriter_state() -> None:
+    """Drop what onnxscript's rewrite rules remember of the last graph they matched.
+
+    The default and fusion rules are module-level objects whose pattern matchers keep their last
+    graph, node and match in attributes, so after an export the whole ir.Graph, and through it every
+    weight of the subgraph, stays alive until the next export overwrites them (measured: a 0.5 GiB
+    stage stayed resident). A stage-at-a-time build must be able to release a subgraph's weights.
+    """
+
+    import gc
+
+    from onnxscript.rewriter._matcher import PatternMatcher
+
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
 
 
 def _check_io_names(model: object, inputs: list[str], outputs: list[str]) -> None:

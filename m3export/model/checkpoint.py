@@ -29,6 +29,7 @@ from m3export.model.hf_keys import (
     SCALE_SUFFIX,
     VL_NON_TEXT_PREFIXES,
     VL_TEXT_PREFIX,
+    canonical_key,
     checkpoint_root,
     describe_missing,
     hf_to_native,
@@ -241,12 +242,16 @@ def _select(disk: dict[str, DiskTensor], own: dict[str, Tensor]) -> tuple[dict[s
     root = checkpoint_root(own, disk)
     has_mtp = any(is_mtp_key(k) for k in own)
     kept: dict[str, DiskTensor] = {}
+    spelled: dict[str, str] = {}
     skipped: list[str] = []
     for k, d in disk.items():
         if not k.startswith(root) or (not has_mtp and is_mtp_key(k.removeprefix(root))):
             skipped.append(k)
-        else:
-            kept[k.removeprefix(root)] = d
+            continue
+        name = canonical_key(k.removeprefix(root))
+        if name in kept:
+            raise CheckpointError(f"{d.file}: {k} and {spelled[name]} are the same tensor spelled two ways")
+        kept[name], spelled[name] = d, k
     return kept, skipped
 
 

@@ -93,6 +93,23 @@ def _stack_experts(moe: str, per: dict[int, dict[str, Tensor]]) -> dict[str, Ten
     return {f"{moe}.gate_up_proj": gate_up, f"{moe}.down_proj": down}
 
 
+# transformers 5.18's save_pretrained renamed every `.mlp.` to `.block_sparse_moe.` (its load-time
+# rename run backwards), so the dense-layer and vision MLPs of a checkpoint it wrote read
+# `layers.{l}.block_sparse_moe.{gate,up,down}_proj.weight` and
+# `encoder.layers.{l}.block_sparse_moe.fc{1,2}.{weight,bias}`; 5.24 and the released checkpoint write
+# `mlp.` (§6.1). The MoE layers' own `block_sparse_moe.*` keys (gate, experts, shared_experts,
+# e_score_correction_bias) are the same in both.
+_V518_MLP = re.compile(
+    r"^(?P<layer>.*layers\.\d+)\.block_sparse_moe\.(?P<w>(?:gate|up|down)_proj|fc[12])\.(?P<p>(?:weight|bias)(?:_scale_inv)?)$"
+)
+
+
+def canonical_key(key: str) -> str:
+    """The §6.1 spelling of a checkpoint key (transformers 5.18's dense/vision MLP names mapped)."""
+    m = _V518_MLP.match(key)
+    return key if m is None else f"{m['layer']}.mlp.{m['w']}.{m['p']}"
+
+
 def checkpoint_root(model_keys: Iterable[str], checkpoint_keys: Iterable[str]) -> str:
     """The prefix to strip from checkpoint keys: `language_model.` when a text-only module reads a VL
     checkpoint, else "" (a VL module's own names already carry the VL roots)."""

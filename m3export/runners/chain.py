@@ -56,7 +56,7 @@ def shift_left(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
 
 
-def _lookahead(plans: Sequence[SubgraphPlan]) -> int:
+def mtp_lookahead(plans: Sequence[SubgraphPlan]) -> int:
     """D - 1: how many tokens past a chunk the MTP subgraph's deeper depths read (0 without MTP)."""
     for plan in plans:
         for sig in plan.inputs:
@@ -119,7 +119,7 @@ def run_chain(
     values = dict(inputs)
     values.update(cache if cache is not None else empty_cache(plans, ids.shape[0]))
     values.setdefault("mtp_input_ids", shift_left(ids))
-    values.setdefault("mtp_lookahead_ids", np.zeros((ids.shape[0], _lookahead(plans)), np.int64))
+    values.setdefault("mtp_lookahead_ids", np.zeros((ids.shape[0], mtp_lookahead(plans)), np.int64))
     feeds: dict[str, dict[str, np.ndarray]] = {}
     for plan in plans:
         if KINDS[plan.kind].per_media:  # the vision subgraph: once for the images, once for the videos (§4.6)
@@ -153,7 +153,7 @@ def chunk_inputs(
     edges = [0, *bounds, seq]
     assert all(a < b for a, b in itertools.pairwise(edges)), edges
     next_ids = inputs.get("mtp_input_ids", shift_left(ids))
-    ahead = _lookahead(plans)
+    ahead = mtp_lookahead(plans)
     padded = np.concatenate([next_ids, np.zeros((ids.shape[0], ahead), np.int64)], axis=1)
     per_seq = {"input_ids", "position_ids"}
     chunks = []
