@@ -213,7 +213,10 @@ def test_folded_weights_equal_the_transforms_applied_in_numpy(exported: Any) -> 
             two_i = gate_up.shape[1]
             if name == "ort":
                 interleaved = np.empty_like(gate_up)
-                interleaved[:, 0::2], interleaved[:, 1::2] = gate_up[:, : two_i // 2], gate_up[:, two_i // 2 :]
+                interleaved[:, 0::2], interleaved[:, 1::2] = (
+                    gate_up[:, : two_i // 2],
+                    gate_up[:, two_i // 2 :],
+                )
                 expected = [interleaved, down * 2.0]
             else:
                 expected = [gate_up.transpose(0, 2, 1), down.transpose(0, 2, 1)]
