@@ -196,6 +196,27 @@ def build_cmd(
     raise typer.Exit(1)
 
 
+@app.command("plan")
+def plan_cmd(
+    spec_file: Annotated[Path, typer.Argument(help="YAML spec file")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object instead of the table")
+    ] = False,
+) -> None:
+    """What a build of SPEC holds and needs, without reading any weights: per subgraph its layers,
+    parameters, weight bytes at the spec dtype, disk and build memory; the total parameter count, the
+    artifact directory's size and the build's peak memory. Exit 0."""
+    from m3export.build.plan_report import format_figures, plan_figures
+    from m3export.spec import load_spec
+
+    figures = plan_figures(load_spec(spec_file))
+    if as_json:
+        typer.echo(json.dumps(figures.to_json(), indent=2))
+        return
+    for line in format_figures(figures):
+        typer.echo(line)
+
+
 @app.command("run")
 def run_cmd(
     artifacts: Annotated[Path, typer.Argument(help="artifact directory written by `m3export build`")],

@@ -274,7 +274,7 @@ def test_missing_image(
 
 
 def _flip_data(root: Path, _tmp: Path) -> None:
-    data = root / "text_1" / "text_1.onnx.data"
+    data = root / "onnx" / "text_1.onnx.data"
     flip_byte(data, data.stat().st_size // 3)
 
 
@@ -294,9 +294,9 @@ def _edit_manifest(root: Path, _tmp: Path) -> None:
 
 def _external_outside(kind: str) -> Callable[[Path, Path], None]:
     def damage(root: Path, tmp: Path) -> None:
-        model_path = root / "text_0" / "text_0.onnx"
+        model_path = root / "onnx" / "text_0.onnx"
         outside = tmp / "outside.bin"
-        shutil.copy(root / "text_0" / "text_0.onnx.data", outside)
+        shutil.copy(root / "onnx" / "text_0.onnx.data", outside)
         if kind == "absolute":
             location = str(outside)
         elif kind == "dotdot":
@@ -317,7 +317,7 @@ def _external_outside(kind: str) -> Callable[[Path, Path], None]:
 
 DAMAGES: dict[str, Callable[[Path, Path], None]] = {
     "flipped_byte_onnx_data": _flip_data,
-    "deleted_onnx_data": _delete("text_1/text_1.onnx.data"),
+    "deleted_onnx_data": _delete("onnx/text_1.onnx.data"),
     "deleted_golden": _delete("mtp/golden_outputs.npz"),
     "edited_manifest": _edit_manifest,
     "external_data_absolute": _external_outside("absolute"),

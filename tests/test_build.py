@@ -41,7 +41,7 @@ def test_build_ort_passes_and_writes_a_manifest(
     for name, sub in subs.items():
         for rel, digest in sub["files"].items():
             assert sha256_file(out / rel) == digest, rel
-        assert f"{name}/{name}.onnx" in sub["files"] and f"{name}/golden_inputs.npz" in sub["files"]
+        assert f"onnx/{name}.onnx" in sub["files"] and f"{name}/golden_inputs.npz" in sub["files"]
         assert sub["parity"] and all(r["passed"] for r in sub["parity"])
         cases = {r["case"] for r in sub["parity"]}
         assert {"b2_s40_img2", "b2_s12_img1"} <= cases  # seq 40 drops MSA blocks; batch 2; images

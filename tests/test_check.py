@@ -198,7 +198,7 @@ def test_check_localises_a_damaged_layer(tiny: Path, tmp_path: Path) -> None:
     from onnx import numpy_helper
 
     copy = copy_artifacts(tiny, tmp_path / "damaged")
-    path = copy / "text_1" / "text_1.onnx"
+    path = copy / "onnx" / "text_1.onnx"
     model = onnx.load(path)  # with its external data
     [init] = [
         i
@@ -206,7 +206,7 @@ def test_check_localises_a_damaged_layer(tiny: Path, tmp_path: Path) -> None:
         if i.name == "layers.3.block_sparse_moe.shared_experts.down_proj.weight"
     ]
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2.0, init.name))
-    (copy / "text_1" / "text_1.onnx.data").unlink()
+    (copy / "onnx" / "text_1.onnx.data").unlink()
     onnx.save(model, path, save_as_external_data=True, location="text_1.onnx.data")
     rewrite_manifest(copy)
     result = check_artifacts(copy)

@@ -71,7 +71,7 @@ def test_flipping_any_byte_of_any_file_is_exit_3(tiny: Path, tmp_path: Path, no_
     assert n > 100
 
 
-@pytest.mark.parametrize("rel", ["text_1/text_1.onnx.data", MANIFEST])
+@pytest.mark.parametrize("rel", ["onnx/text_1.onnx.data", MANIFEST])
 def test_cli_flipped_byte_exits_3_with_one_line(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], rel: str
 ) -> None:
@@ -143,7 +143,7 @@ def test_listed_path_outside_the_directory_exits_3(
 def test_unlisted_model_file_exits_3(tiny: Path, tmp_path: Path, no_inference: None, extra: str) -> None:
     copy = copy_artifacts(tiny, tmp_path / "a")
     (copy / extra).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(copy / "vision" / "vision.onnx", copy / extra)
+    shutil.copy(copy / "onnx" / "vision.onnx", copy / extra)
     assert f"{extra} is not listed in the manifest" in _integrity_error(copy)
 
 
@@ -165,7 +165,7 @@ def test_external_data_outside_the_directory_exits_3(
     tiny: Path, tmp_path: Path, no_inference: None, kind: str
 ) -> None:
     copy = copy_artifacts(tiny, tmp_path / "a")
-    data = copy / "text_0" / "text_0.onnx.data"
+    data = copy / "onnx" / "text_0.onnx.data"
     outside = tmp_path / "outside.bin"
     shutil.copy(data, outside)
     if kind == "absolute":
@@ -178,7 +178,7 @@ def test_external_data_outside_the_directory_exits_3(
     else:  # inside, but not covered by the manifest's hashes
         shutil.copy(data, copy / "text_0" / "weights.bin")
         location = "weights.bin"
-    _set_location(copy / "text_0" / "text_0.onnx", location)
+    _set_location(copy / "onnx" / "text_0.onnx", location)
     rewrite_manifest(copy)  # the .onnx's new hash is listed: only the location is wrong
     want = {
         "absolute": f"has external data {location!r} outside the directory",
@@ -228,13 +228,13 @@ def test_integrity_failure_still_writes_the_report(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     copy = copy_artifacts(tiny, tmp_path / "a")
-    flip_byte(copy / "vision" / "vision.onnx", 100)
+    flip_byte(copy / "onnx" / "vision.onnx", 100)
     report = tmp_path / "out" / "check.json"
     code, _, _ = run_cli(["check", str(copy), "--report", str(report)], capsys)
     assert code == 3
     doc = json.loads(report.read_text())
     assert doc["status"] == "integrity_failure" and doc["exit_code"] == 3 and doc["results"] == []
-    assert "vision/vision.onnx" in doc["integrity"]["error"]
+    assert "onnx/vision.onnx" in doc["integrity"]["error"]
     xml = report.with_suffix(".xml").read_text()
     assert 'classname="integrity"' in xml and "<failure" in xml
     assert "INTEGRITY FAILURE" in report.with_suffix(".md").read_text()

@@ -48,7 +48,7 @@ def test_changing_only_mtp_re_exports_only_mtp(tiny_build: Path, tiny_spec: M3Sp
     }
     after = _onnx_files(out)
     rewritten = {rel for rel in after if before.get(rel) != after[rel]}
-    assert rewritten == {"mtp/mtp.onnx", "mtp/mtp.onnx.data"}
+    assert rewritten == {"onnx/mtp.onnx", "onnx/mtp.onnx.data"}
     assert (
         subs["mtp"]["key"]
         != json.loads((tiny_build / "manifest.json").read_text())["subgraphs"]["mtp"]["key"]
@@ -62,13 +62,13 @@ def test_same_spec_twice_gives_byte_identical_onnx(
     result = build(tiny_spec, tmp_path / "again", only=["text_1"])
     assert result.passed and not result.manifest["subgraphs"]["text_1"]["reused"]
     fresh, first = _files(result.out_dir), _files(tiny_build)
-    for rel in ("text_1/text_1.onnx", "text_1/text_1.onnx.data"):
+    for rel in ("onnx/text_1.onnx", "onnx/text_1.onnx.data"):
         assert fresh[rel] == first[rel], rel
     # No checkout path or line number in the graph (the exporter's stack traces are dropped), so
     # another clone of the same sources gives the same bytes too.
     import onnx
 
-    model = onnx.load(result.out_dir / "text_1" / "text_1.onnx", load_external_data=False)
+    model = onnx.load(result.out_dir / "onnx" / "text_1.onnx", load_external_data=False)
     keys = {p.key for n in model.graph.node for p in n.metadata_props}
     assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys
     assert str(Path(__file__).resolve().parents[1]) not in model.SerializeToString().decode("latin-1")
@@ -76,13 +76,13 @@ def test_same_spec_twice_gives_byte_identical_onnx(
 
 def test_damaged_previous_build_is_not_reused(tiny_build: Path, tiny_spec: M3Spec, tmp_path: Path) -> None:
     out = shutil.copytree(tiny_build, tmp_path / "m3-tiny")
-    data = out / "text_1" / "text_1.onnx.data"
+    data = out / "onnx" / "text_1.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0x01  # one flipped bit in a weight: the file exists, its key in the manifest matches
     data.write_bytes(bytes(raw))
     result = build(tiny_spec, out, only=["text_1"])
     assert result.passed and not result.manifest["subgraphs"]["text_1"]["reused"]
-    assert sha256_file(out / "text_1" / "text_1.onnx.data") == _files(tiny_build)["text_1/text_1.onnx.data"]
+    assert sha256_file(out / "onnx" / "text_1.onnx.data") == _files(tiny_build)["onnx/text_1.onnx.data"]
 
 
 def test_only_carries_unchanged_subgraphs_over(tiny_build: Path, tiny_spec: M3Spec, tmp_path: Path) -> None:

@@ -364,7 +364,7 @@ def test_unreadable_artifact_file_is_exit_3(
     for command in ("check", "run", "generate"):
         args = [command, str(tiny_build)] + ([] if command == "check" else ["--input-ids", "5,6,7"])
         code, _, err = run_cli(args, capsys)
-        _assert_one_line_error(code, err, 3, "text_1/text_1.onnx.data is unreadable")
+        _assert_one_line_error(code, err, 3, "onnx/text_1.onnx.data is unreadable")
 
 
 HOSTILE = {
@@ -493,7 +493,7 @@ def test_file_swapped_after_verification_is_not_what_runs(tiny_build: Path, tmp_
     runner: the runner reads the verified descriptor, so the outputs are still the goldens'."""
     copy = copy_artifacts(tiny_build, tmp_path / "a")
     arts = verify_artifacts(copy)
-    data = copy / "text_1" / "text_1.onnx.data"
+    data = copy / "onnx" / "text_1.onnx.data"
     evil = tmp_path / "evil.data"
     evil.write_bytes(bytes(len(data.read_bytes())))  # zeros
     os.replace(evil, data)

@@ -1,5 +1,9 @@
 """Where each file of an artifact directory lives (one place for every path a build writes and a
-reader opens). `root` is the artifact directory; a subgraph's files live in `root/<name>/`."""
+reader opens). `root` is the artifact directory. The ONNX Runtime graphs live together in
+`root/onnx/` (`<name>.onnx`, its own weights `<name>.onnx.data`, and `shared/<sha256>.onnx.data`, the
+weights several graphs use, stored once: ONNX and ONNX Runtime only resolve external data inside the
+graph's own directory); a subgraph's other files (goldens, TensorRT graph and engine) live in
+`root/<name>/`."""
 
 from __future__ import annotations
 
@@ -17,8 +21,15 @@ def onnx_name(name: str) -> str:
     return f"{name}.onnx"
 
 
+ONNX_DIR = "onnx"
+
+
+def onnx_dir(root: Path) -> Path:
+    return root / ONNX_DIR
+
+
 def onnx_file(root: Path, name: str) -> Path:
-    return subgraph_dir(root, name) / onnx_name(name)
+    return onnx_dir(root) / onnx_name(name)
 
 
 def data_name(name: str) -> str:
@@ -49,7 +60,7 @@ def golden_rel(name: str, kind: str) -> str:
 
 
 def onnx_rel(name: str) -> str:
-    return f"{name}/{onnx_name(name)}"
+    return f"{ONNX_DIR}/{onnx_name(name)}"
 
 
 def engine_rel(name: str) -> str:

@@ -17,7 +17,7 @@ from m3export.artifacts.io import write_json_atomic
 from m3export.errors import ArtifactError
 from m3export.parity.compare import jsonable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: ONNX graphs in onnx/, shared weights stored once
 MANIFEST = "manifest.json"
 
 
@@ -85,7 +85,7 @@ class GoldenCaseRecord(_Strict):
 class Manifest(_Strict):
     """What a build recorded (see README "Artifacts")."""
 
-    schema_version: Literal[2]
+    schema_version: Literal[3]
     spec: dict[str, Any]
     spec_hash: str
     tool_versions: dict[str, str]

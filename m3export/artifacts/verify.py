@@ -29,7 +29,14 @@ import onnx
 
 from m3export.artifacts.goldens import GoldenStore
 from m3export.artifacts.io import PinnedFile
-from m3export.artifacts.layout import MANIFEST_FILES, TIMING_CACHE, engine_rel, golden_rel, onnx_rel
+from m3export.artifacts.layout import (
+    MANIFEST_FILES,
+    ONNX_DIR,
+    TIMING_CACHE,
+    engine_rel,
+    golden_rel,
+    onnx_rel,
+)
 from m3export.artifacts.manifest import MANIFEST, Manifest, SubgraphEntry, load_manifest
 from m3export.artifacts.outdir import interrupted_publish_hint
 from m3export.artifacts.seal import verify_seal, verify_signature
@@ -229,7 +236,9 @@ def _listed_files(root: Path, typed: Manifest) -> dict[str, str]:
             if not _HEX64.fullmatch(digest):
                 raise ArtifactError(f"{root}/manifest.json: malformed manifest: {rel}: bad sha256")
             _inside(root, rel)
-            files[str(PurePosixPath(rel))] = digest
+            rel = str(PurePosixPath(rel))
+            if files.setdefault(rel, digest) != digest:  # a shared file two subgraphs list differently
+                raise ArtifactError(f"{root}/manifest.json: {rel} is listed with two different sha256")
         for need in (onnx_rel(name), golden_rel(name, "inputs"), golden_rel(name, "outputs")):
             if need not in sub.files:
                 raise ArtifactError(
@@ -388,14 +397,14 @@ def _verify(root: Path, say: Progress, complete: bool, key: bytes | None) -> Ver
         if rel.endswith(".onnx"):
             _verify_external_data(root, rel, files)
     subgraphs = []
+    prefix = f"{ONNX_DIR}/"
     for plan in plans:
-        prefix = f"{plan.name}/"
+        # The ORT graph's weights, by location relative to it: its own and the shared ones it lists.
         data = {
-            r.removeprefix(prefix): h
-            for r, h in pinned.items()
-            if r.startswith(prefix) and r.endswith(".onnx.data")
+            r.removeprefix(prefix): pinned[r]
+            for r in typed.subgraphs[plan.name].files
+            if r.startswith(prefix) and r.endswith(".onnx.data") and r in pinned
         }
-        data = {k: v for k, v in data.items() if not k.endswith(".trt.onnx.data")}  # the ORT graph's only
         subgraphs.append(
             SubgraphArtifact(plan, root, typed.subgraphs[plan.name], pinned.get(onnx_rel(plan.name)), data)
         )

@@ -110,9 +110,10 @@ def up_to_date(prev: Manifest, spec: M3Spec, keys: dict[str, str]) -> bool:
 
 
 def reuse_onnx(
-    prev: tuple[Manifest, Path] | None, name: str, key: str, sub_dir: Path
+    prev: tuple[Manifest, Path] | None, name: str, key: str, staging: Path
 ) -> SubgraphEntry | None:
-    """Copy a subgraph's ONNX files from the previous build when its key matches; its manifest entry."""
+    """Copy a subgraph's ONNX files (its graphs, their weights, the shared weights they reference)
+    from the previous build into `staging` when its key matches; its manifest entry."""
     if prev is None:
         return None
     manifest, root = prev
@@ -121,5 +122,9 @@ def reuse_onnx(
         return None
     for rel in sub.files:
         if rel.endswith((".onnx", ".onnx.data")):
-            shutil.copy2(root / rel, sub_dir / Path(rel).name)  # verified by previous_build
+            dst = staging / rel
+            if dst.exists():  # a shared weights file another reused subgraph brought (same sha256)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dst)  # verified by previous_build
     return sub

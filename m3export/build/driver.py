@@ -222,11 +222,12 @@ def _context(
 
 
 def estimate_artifact_bytes(spec: M3Spec, plans: Sequence[SubgraphPlan]) -> int:
-    """Disk a build writes: every subgraph's weights (shared ones in each graph that uses them), twice
-    with the TensorRT target (its own ONNX), plus goldens (a few MiB per subgraph at most here)."""
-    copies = 2 if "trt" in spec.export.targets else 1
-    graphs = sum(weight_bytes(spec, [*p.modules, *(m for m, _ in p.shared_uses)]) for p in plans)
-    return copies * graphs + len(plans) * (16 << 20)
+    """Disk a build writes: every weight once in the ONNX Runtime graphs (shared ones stored once),
+    with the TensorRT target also its ONNX graphs (shared weights in each) and engines (as large),
+    plus goldens (a few MiB per subgraph at most here)."""
+    onnx = sum(weight_bytes(spec, p.modules) for p in plans)
+    trt = sum(weight_bytes(spec, owned_modules(p)) for p in plans) if "trt" in spec.export.targets else 0
+    return onnx + 2 * trt + len(plans) * (16 << 20)
 
 
 def _check_only(only: Sequence[str] | None, plans: list[SubgraphPlan]) -> None:

@@ -16,16 +16,17 @@ for it, never two subgraphs'.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from m3export.artifacts.goldens import write_goldens
 from m3export.artifacts.io import sha256_file
-from m3export.artifacts.layout import GOLDEN_KINDS, onnx_name
+from m3export.artifacts.layout import GOLDEN_KINDS, onnx_file
 from m3export.artifacts.manifest import Manifest
 from m3export.build.cache import reuse_onnx, subgraph_key
 from m3export.build.prepare import CaseStream
@@ -38,7 +39,7 @@ from m3export.runners.ort_runner import OrtRunner
 from m3export.runners.torch_runner import TorchRunner
 from m3export.spec import M3Spec
 from m3export.split.inputs import decode_case, media_feed, trace_inputs, video_case
-from m3export.split.plan import SubgraphPlan
+from m3export.split.plan import SubgraphPlan, plan_subgraphs
 from m3export.split.subgraphs import build_stage
 
 Cases = dict[str, dict[str, np.ndarray]]
@@ -111,8 +112,11 @@ class BuildPass:
     ort_broken: str | bool = False  # why the ORT streams cannot be trusted (a subgraph failed to run)
 
 
-def export_plan(stage: Any, plan: SubgraphPlan, spec: Any, lowering: Any, path: Path) -> OnnxArtifact:
-    """Export one stage wrapper at the trace shapes, the plan's symbolic dims as dynamic axes."""
+def export_plan(
+    stage: Any, plan: SubgraphPlan, spec: Any, lowering: Any, path: Path, shared: Sequence[str] = ()
+) -> OnnxArtifact:
+    """Export one stage wrapper at the trace shapes, the plan's symbolic dims as dynamic axes;
+    `shared`: the stage's names of the weights stored once for every graph that uses them."""
     return export_onnx(
         stage,
         trace_inputs(spec, plan),
@@ -121,7 +125,29 @@ def export_plan(stage: Any, plan: SubgraphPlan, spec: Any, lowering: Any, path: 
         dynamic_axes=plan.dynamic_axes,
         opset=spec.export.opset,
         lowering=lowering,
+        shared=shared,
     )
+
+
+def _shared_names(bp: BuildPass, plan: SubgraphPlan, stage: Any) -> list[str]:
+    """The stage's own names of the weights of the modules several subgraphs use (the embedding and
+    the lm_head, `plan.shared_uses`, and their owners' copies): found by identity in the model."""
+    users = {m for p in plan_subgraphs(bp.spec) for m, _ in p.shared_uses}
+    ids = {id(t) for m in users for t in bp.weights.model.get_submodule(m).parameters()}
+    return [n for n, t in stage.named_parameters(remove_duplicate=False) if id(t) in ids]
+
+
+def graph_files(onnx_path: Path) -> list[Path]:
+    """The ONNX graph and every external-data file it references."""
+    model = onnx.load(onnx_path, load_external_data=False)
+    locations = {
+        e.value
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    return [onnx_path, *(onnx_path.parent / loc for loc in sorted(locations))]
 
 
 def owned_modules(plan: SubgraphPlan) -> list[str]:
@@ -184,16 +210,15 @@ def run_subgraph(bp: BuildPass, plan: SubgraphPlan) -> SubgraphExport:
 
 
 def _export(bp: BuildPass, plan: SubgraphPlan, stage: Any, key: str) -> SubgraphExport:
-    sub_dir = bp.staging / plan.name
-    sub_dir.mkdir()
-    onnx_path = sub_dir / onnx_name(plan.name)
-    reused = reuse_onnx(bp.prev, plan.name, key, sub_dir)
+    (bp.staging / plan.name).mkdir()
+    onnx_path = onnx_file(bp.staging, plan.name)
+    reused = reuse_onnx(bp.prev, plan.name, key, bp.staging)
     if reused is not None:
         bp.say(f"[b export] {plan.name}: unchanged (key {key[:12]}), reusing its ONNX files")
         return SubgraphExport(plan, key, True, dict(reused.node_counts), None, {}, onnx_path)
     bp.say(f"[b export] {plan.name} (moe lowering {bp.moe.name})")
     try:
-        art = export_plan(stage, plan, bp.spec, bp.moe, onnx_path)
+        art = export_plan(stage, plan, bp.spec, bp.moe, onnx_path, _shared_names(bp, plan, stage))
     except Exception as err:  # the lowering check or the exporter failed: a failed gate, not a crash
         msg = f"export failed: {_describe(err)}"
         bp.say(f"[b export] {plan.name}: FAIL {msg}")
@@ -216,7 +241,7 @@ def _write_goldens(
     """Goldens for `check` (inputs / outputs per case, and the eager layer outputs / expert choices it
     uses to localise a failure and re-run routing), and the TensorRT flavour."""
     assert ex.onnx_path is not None
-    sub_dir = ex.onnx_path.parent
+    sub_dir = bp.staging / ex.plan.name
     for kind, values in zip(GOLDEN_KINDS, (feeds, eager, dbg), strict=True):
         write_goldens(sub_dir, kind, values)
     trt = None
@@ -228,7 +253,8 @@ def _write_goldens(
             bp.spec, ex.plan, stage, sub_dir, feeds, eager, ex.onnx_path, bp.staging, bp.say
         )
         reports = (*reports, *trt.reports, *trt.skips)
-    files = {f"{ex.plan.name}/{f.name}": sha256_file(f) for f in sorted(sub_dir.iterdir())}
+    owned = [*sorted(sub_dir.iterdir()), *graph_files(ex.onnx_path)]
+    files = {f.relative_to(bp.staging).as_posix(): sha256_file(f) for f in owned}
     return SubgraphExport(
         ex.plan, ex.key, ex.reused, ex.node_counts, ex.export_seconds, files, ex.onnx_path, trt, reports
     )

@@ -7,6 +7,7 @@ lowering tagged (interleave, scale) are folded into initializers here, whatever 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import math
 import re
@@ -33,6 +34,7 @@ class OnnxArtifact:
 
     path: Path
     data_path: Path | None  # external weights file, None when the graph holds no initializers
+    shared_files: tuple[Path, ...]  # content-addressed weights files other graphs may reference too
     opset: int
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
@@ -50,13 +52,16 @@ def export_onnx(
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int,
     lowering: MoELowering | None = None,
+    shared: Sequence[str] = (),
 ) -> OnnxArtifact:
     """Export `module(*inputs.values())`; axes sharing a name in `dynamic_axes` share one symbolic dim.
 
     Inputs are passed positionally in `inputs` order (the forward's parameter order, or its `*args`);
     their keys become the graph input names.
-    Weights go to `<out_path>.data`. Raises if the graph holds non-standard nodes other than the
-    lowering's own.
+    Weights go to `<out_path>.data`, except those of the parameters named in `shared` (names in
+    `module`, e.g. the embedding another graph also holds): each of those is written once, by content,
+    under `<out_path's dir>/shared/` and referenced from there (`save_graph`). Raises if the graph holds
+    non-standard nodes other than the lowering's own.
     """
 
     start = time.perf_counter()
@@ -88,7 +93,7 @@ def export_onnx(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data_path = out_path.with_name(out_path.name + ".data")
     data_path.unlink(missing_ok=True)  # never leave a stale weights file next to a new graph
-    program.save(out_path, external_data=True)
+    shared_files = save_graph(program.model, out_path, _shared_values(program.model, shared))
 
     model = onnx.load(out_path, load_external_data=False)
     _check_io_names(model, list(inputs), list(output_names))
@@ -100,6 +105,7 @@ def export_onnx(
     return OnnxArtifact(
         path=out_path,
         data_path=data_path if data_path.exists() else None,
+        shared_files=tuple(shared_files),
         opset=opset,
         input_names=tuple(i.name for i in model.graph.input),
         output_names=tuple(o.name for o in model.graph.output),
@@ -107,6 +113,79 @@ def export_onnx(
         node_counts={(f"{d}::{t}" if d else t): n for (d, t), n in sorted(counts.items())},
         export_seconds=time.perf_counter() - start,
     )
+
+
+EXTERNAL_THRESHOLD = 256  # bytes: smaller tensors stay in the graph (onnx_ir's save default)
+SHARED_DIR = "shared"
+
+
+def _shared_values(model: object, shared: Sequence[str]) -> set[str]:
+    """Initializers holding a shared parameter: the parameter itself, or a transform of it the
+    exporter folded (e.g. the lm_head weight transposed for MatMul), whatever name it got."""
+    assert isinstance(model, ir.Model)
+    names = set(shared)
+    found = set()
+    for value in model.graph.initializers.values():
+        origins = value.meta.get(FOLDED_FROM, set()) | {value.name}
+        tensor = value.const_value
+        if names & origins and tensor is not None and tensor.nbytes > EXTERNAL_THRESHOLD:
+            found.add(str(value.name))
+    return found
+
+
+def save_graph(model: object, path: Path, shared: set[str]) -> list[Path]:
+    """Write `model` to `path` with its weights streamed one tensor at a time (lazily folded tensors
+    are computed as they are written, so no second copy of the weights is ever held): tensors over
+    EXTERNAL_THRESHOLD bytes go to `<path>.data`, densely packed in initializer order; those named in
+    `shared` each to `<dir>/shared/<sha256 of the bytes>.onnx.data` (offset 0), which a graph written
+    earlier may already have created with the same bytes. Returns the shared files referenced."""
+
+    assert isinstance(model, ir.Model)
+    data_path = path.with_name(path.name + ".data")
+    shared_dir = path.parent / SHARED_DIR
+    referenced: list[Path] = []
+    offset = 0
+    with open(data_path, "wb") as own:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or tensor.nbytes <= EXTERNAL_THRESHOLD:
+                    continue
+                if value.name in shared:
+                    raw = tensor.tobytes()  # one tensor, hashed to name its file
+                    digest = hashlib.sha256(raw).hexdigest()
+                    target = shared_dir / f"{digest}.onnx.data"
+                    if not target.exists():
+                        shared_dir.mkdir(exist_ok=True)
+                        part = target.with_name(target.name + ".part")
+                        part.write_bytes(raw)
+                        part.replace(target)
+                    del raw
+                    location, start = f"{SHARED_DIR}/{target.name}", 0
+                    referenced.append(target)
+                else:
+                    write = getattr(tensor, "tofile", None)  # onnx_ir's tensors stream; others copy once
+                    if write is not None:
+                        write(own)
+                    else:
+                        own.write(tensor.tobytes())
+                    location, start = data_path.name, offset
+                    offset += tensor.nbytes
+                value.const_value = ir.ExternalTensor(
+                    location,
+                    start,
+                    tensor.nbytes,
+                    tensor.dtype,
+                    shape=ir.Shape(tensor.shape.numpy()),
+                    name=str(value.name),
+                    doc_string=tensor.doc_string,
+                    metadata_props=dict(tensor.metadata_props),
+                    base_dir=path.parent,
+                )
+    if offset == 0:
+        data_path.unlink()
+    ir.save(model, path)  # every weight is external now: the graph references the files above
+    return sorted(set(referenced))
 
 
 def _dynamic_shapes(
