@@ -12,7 +12,7 @@ is built in its own child process whose peak RSS (`ru_maxrss`) is read back:
 Printed per checkpoint: unique weight bytes, the largest subgraph's bytes, peak RSS, the ratio
 peak / largest, the target 1.5 x largest + 1 GiB, build seconds and artifact bytes / unique bytes.
 
-    python bench/stream_bench.py [--with-realwidth] [--keep DIR]
+    python bench/stream_bench.py [--with-realwidth [--skip-multi]] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -69,13 +69,39 @@ def _spec(kind: str, ckpt: Path) -> dict:
 
 
 GENERATE = """
+# A bf16 HF-layout checkpoint written shard by shard from random tensors: never the whole model in
+# memory (the real-width model in fp32 is ~12 GB, and save_checkpoint holds it whole).
 import sys, json, torch
-from m3export.spec import parse_spec
+from safetensors.torch import save_file
+from m3export.spec import parse_spec, to_hf_config
 from m3export.model.text import M3ForCausalLM
-from m3export.model.checkpoint import save_checkpoint
+from m3export.model.hf_keys import native_to_hf, keeps_fp32
 data = json.loads(sys.argv[1]); data["weights"] = {"random": {"seed": 0}}
 spec = parse_spec(data)
-save_checkpoint(M3ForCausalLM.from_config(spec), spec, sys.argv[2], dtype=torch.bfloat16, max_shard_size="2GB")
+meta = M3ForCausalLM.from_config(spec, device="meta")
+hf = native_to_hf(dict(meta.state_dict()))
+g = torch.Generator().manual_seed(0)
+out = __import__("pathlib").Path(sys.argv[2]); out.mkdir(parents=True)
+shards, cur, size = [], {}, 0
+def flush():
+    global cur, size
+    if cur:
+        name = f"part-{len(shards)}"
+        save_file(cur, out / name, metadata={"format": "pt"}); shards.append((name, list(cur))); cur, size = {}, 0
+for key, t in hf.items():
+    v = torch.randn(tuple(t.shape), generator=g) * 0.02
+    cur[key] = v if keeps_fp32(key) else v.to(torch.bfloat16)
+    size += cur[key].numel() * cur[key].element_size()
+    del v
+    if size > 2 << 30: flush()
+flush()
+weight_map = {}
+for i, (name, keys) in enumerate(shards):
+    final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    (out / name).rename(out / final); weight_map.update({k: final for k in keys})
+(out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+cfg = to_hf_config(spec); cfg["torch_dtype"] = "bfloat16"
+(out / "config.json").write_text(json.dumps(cfg))
 """
 
 BUILD = """
@@ -128,9 +154,10 @@ def bench(kind: str, tmp: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--with-realwidth", action="store_true")
+    ap.add_argument("--skip-multi", action="store_true", help="only the real-width checkpoint")
     ap.add_argument("--keep", type=Path, help="keep checkpoints and artifacts here")
     args = ap.parse_args()
-    kinds = ["multi"] + (["realwidth"] if args.with_realwidth else [])
+    kinds = ([] if args.skip_multi else ["multi"]) + (["realwidth"] if args.with_realwidth else [])
     with tempfile.TemporaryDirectory(prefix="m3x-stream-", dir=args.keep) as tmp:
         for kind in kinds:
             bench(kind, Path(tmp))

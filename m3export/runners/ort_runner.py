@@ -34,6 +34,7 @@ class OrtRunner:
         opts.log_severity_level = 3
         if num_threads:
             opts.intra_op_num_threads = num_threads
+        _no_private_weights(opts)
         if external_data_dir is not None:
             opts.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(external_data_dir)
@@ -57,6 +58,7 @@ class OrtRunner:
         runner.name = name
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        _no_private_weights(opts)
         maps = {loc: f.mapping() for loc, f in data.items()}
         buffers = [np.frombuffer(m, dtype=np.uint8) for m in maps.values()]
         try:
@@ -87,6 +89,15 @@ class OrtRunner:
             raise ValueError(f"{self.name}: missing inputs {missing}")
         outs = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
         return dict(zip(self.output_names, outs, strict=True))
+
+
+def _no_private_weights(opts: Any) -> None:
+    """No prepacked copies of the MatMul weights: a session reads its weights straight from the
+    memory-mapped external data and holds no private copy (measured on m3-small's text_1, 0.53 GiB of
+    weights: +0.40 GiB of anonymous memory per session with prepacking, +0.01 GiB without), at some
+    cost in GEMM speed. Every session m3export opens (build, check, run, generate) uses it, so a check
+    reproduces the build's numbers exactly."""
+    opts.add_session_config_entry("session.disable_prepacking", "1")
 
 
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
