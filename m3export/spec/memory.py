@@ -83,8 +83,9 @@ def resident_memory_bytes(spec: M3Spec, seq: int, batch: int = 1) -> int:
 
 
 # A subgraph's pass holds its weights once in torch (the exporter folds lowering transforms lazily,
-# one tensor at a time), then once in ONNX Runtime after they are released: measured 1.1-1.3x of the
-# subgraph's weight bytes on m3-small and the real-width bench (bench/README.md), so 1.35x with headroom.
+# one tensor at a time), then once in ONNX Runtime (memory-mapped) after they are released: measured
+# peak 1.28x of the largest subgraph's weight bytes on the real-width bench (bench/README.md,
+# stream_bench.py), so 1.35x with headroom.
 STAGE_FACTOR = 1.35
 # The whole-model steps hold the eager model, every ORT session and transformers' copy at once.
 WHOLE_MODEL_FACTOR = 3.0
