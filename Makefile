@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned exactly: the CPU build on this machine; anything looser pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,trt-rtx]'
+	# TensorRT-RTX's parser dlopens libtensorrt_rtx.so, the wheel ships only .so.1: a private link
+	# directory inside the venv (m3export/export/trt/rtx.py puts it on the engine builder's loader path).
+	$(PY) -c "from m3export.export.trt.rtx import loader_dir; print('TensorRT-RTX loader dir:', loader_dir())"
 	# transformers' M3 image processor (the preprocessing oracle) needs torchvision; the PyPI wheel
 	# cannot load beside the CPU torch, so it lives outside the venv's site-packages and only the
 	# oracle subprocess in tests/test_preprocess.py puts it on its path.

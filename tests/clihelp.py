@@ -21,3 +21,22 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         sys.argv = old
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_cli_uncaptured(args: list[str]) -> tuple[int, str, str]:
+    """`run_cli` for module-scoped fixtures (no capsys there): redirects stdout / stderr itself."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    old = sys.argv
+    sys.argv = ["m3export", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()

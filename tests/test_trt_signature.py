@@ -159,7 +159,9 @@ def test_trt_spec_section_validates(tiny_spec: M3Spec) -> None:
     bad_range = {**TRT_SECTION, "profiles": {"seq": {"min": 8, "opt": 4, "max": 64}}}
     cases: list[tuple[dict[str, Any], str]] = [
         ({"targets": ["onnx", "trt"], "trt": bad_range}, "min <= opt <= max"),
-        ({"targets": ["onnx"], "trt": TRT_SECTION}, "'trt' is not in export.targets"),
+        ({"targets": ["onnx"], "trt": TRT_SECTION}, "neither 'trt' nor 'trt_rtx' is in export.targets"),
+        ({"targets": ["onnx", "trt_rtx"], "trt": {"compute_capabilities": ["SM90"]}}, "compute_capabilities"),
+        ({"targets": ["onnx", "trt_rtx"], "trt": {"compute_capabilities": []}}, "compute_capabilities"),
         (
             {"targets": ["onnx", "trt"], "trt": {"profiles": {"batch": {"min": 0, "opt": 1, "max": 2}}}},
             "batch.min",

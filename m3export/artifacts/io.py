@@ -22,10 +22,11 @@ class PinnedFile:
     def __init__(self, path: Path) -> None:
 
         self.path = path
+        self.fd = -1  # set first: __del__ runs even when open() below raises
         self.fd = os.open(path, os.O_RDONLY)
         info = os.fstat(self.fd)
         if not stat.S_ISREG(info.st_mode):
-            os.close(self.fd)
+            self.close()  # once: a second close could hit a descriptor reused by another file
             raise OSError(f"{path}: not a regular file")
         self.size = info.st_size
 

@@ -41,6 +41,11 @@ def trt_onnx_name(name: str) -> str:
     return f"{name}.trt.onnx"
 
 
+def rtx_engine_name(name: str) -> str:
+    """The TensorRT-RTX engine of subgraph `name` (next to its `.trt.onnx`)."""
+    return f"{name}.rtx.engine"
+
+
 def engine_name(name: str) -> str:
     return f"{name}.engine"
 

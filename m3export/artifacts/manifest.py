@@ -52,9 +52,10 @@ class ParityRecord(_Strict):
     outputs: list[OutputRecord] = Field(default_factory=list)
     error: str | None = None
     skipped: str | None = None
+    built: str | None = None
     localisation: dict[str, Any] | None = None
     passed: bool
-    status: Literal["pass", "fail", "skip"]
+    status: Literal["pass", "fail", "skip", "built"]
 
 
 class SubgraphEntry(_Strict):

@@ -35,7 +35,7 @@ from m3export.build.export_step import BuildPass, SubgraphExport, owned_modules,
 from m3export.build.prepare import case_streams, final_names, full_eager_outputs
 from m3export.build.steps import Context, WholeModel, run_build_steps, run_subgraph_steps
 from m3export.build.trt_step import trt_manifest_section
-from m3export.errors import InputError
+from m3export.errors import InputError, SpecError
 from m3export.model.factory import Weights
 from m3export.ops.lowering import get_lowering
 from m3export.parity.compare import ParityReport, jsonable
@@ -83,11 +83,12 @@ def build(
     passing build in `out_dir` reuses its ONNX files, and when every key matches nothing is rebuilt."""
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
+    _check_precision(spec)
     plans = plan_subgraphs(spec)
     _check_only(only, plans)
     moe = get_lowering(spec.export.moe)
     require_onnxruntime(moe.onnxruntime, moe.name)  # every step runs these graphs in ORT
-    if "trt" in spec.export.targets:  # the TensorRT graphs' ORT twins use the `ort` lowering
+    if spec.export.trt_graphs:  # the TensorRT graphs' ORT twins use the `ort` lowering
         require_onnxruntime(get_lowering("ort").onnxruntime, "ort")
     out = check_out(out_dir, need_bytes=estimate_artifact_bytes(spec, plans))
     stage_peak = max(stage_memory_bytes(spec, owned_modules(p)) for p in plans)
@@ -221,13 +222,26 @@ def _context(
     return Context(spec, tuple(plans), bp.eager, bp.ort, exports, complete, bp.ort_broken, whole, names, say)
 
 
+def _check_precision(spec: M3Spec) -> None:
+    """Refuse, before any work, a graph precision the build cannot make yet: one line, the field."""
+    if spec.dtype != "float32":
+        raise SpecError(
+            f"dtype {spec.dtype!r}: m3export builds float32 graphs only so far (the eager references, "
+            "the ONNX Runtime and TensorRT graphs; bf16 / fp16 graphs are issue #14); set dtype: float32 "
+            "(a bfloat16 or MXFP8 checkpoint is read and converted tensor by tensor). `m3export plan` "
+            "accepts bfloat16 for its byte counts"
+        )
+
+
 def estimate_artifact_bytes(spec: M3Spec, plans: Sequence[SubgraphPlan]) -> int:
     """Disk a build writes: every weight once in the ONNX Runtime graphs (shared ones stored once),
-    with the TensorRT target also its ONNX graphs (shared weights in each) and engines (as large),
+    with a TensorRT target also its ONNX graphs (shared weights in each) and each target's engines
+    (as large),
     plus goldens (a few MiB per subgraph at most here)."""
     onnx = sum(weight_bytes(spec, p.modules) for p in plans)
-    trt = sum(weight_bytes(spec, owned_modules(p)) for p in plans) if "trt" in spec.export.targets else 0
-    return onnx + 2 * trt + len(plans) * (16 << 20)
+    trt = sum(weight_bytes(spec, owned_modules(p)) for p in plans) if spec.export.trt_graphs else 0
+    engines = sum(t in spec.export.targets for t in ("trt", "trt_rtx"))
+    return onnx + (1 + engines) * trt + len(plans) * (16 << 20)
 
 
 def _check_only(only: Sequence[str] | None, plans: list[SubgraphPlan]) -> None:

@@ -246,7 +246,7 @@ def _write_goldens(
         write_goldens(sub_dir, kind, values)
     trt = None
     reports: tuple[ParityReport, ...] = ex.reports
-    if "trt" in bp.spec.export.targets:
+    if bp.spec.export.trt_graphs:
         from m3export.build.trt_step import trt_for_subgraph
 
         trt = trt_for_subgraph(

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from m3export.export.trt.engine import EngineArtifact
+from m3export.export.trt.rtx import RtxEngine
 from m3export.ops.trt_plugin import plugin_record
+from m3export.ops.trt_rtx_plugin import rtx_plugin_record
 from m3export.ops.trt_signature import M3_MOE_PLUGIN
 from m3export.parity.compare import ParityReport
 
@@ -41,6 +43,9 @@ class TrtResult:
     engine: EngineArtifact | None = None
     engine_status: EngineStatus = "not run"
     engine_reason: str | None = None
+    rtx_engine: RtxEngine | None = None  # the TensorRT-RTX target (`trt_rtx`)
+    rtx_status: EngineStatus = "not run"
+    rtx_reason: str | None = None
     timing_cache: Path | None = None
     files: dict[str, str] = field(default_factory=dict)  # name (relative to the subgraph dir) -> sha256
     seconds: float = 0.0
@@ -52,15 +57,17 @@ class TrtResult:
 
     @property
     def status(self) -> Literal["pass", "fail", "skipped"]:
-        """pass: engine built and every check passed; skipped: checks passed, no engine; else fail."""
-        if not self.checks_passed or self.engine_status == "failed":
+        """pass: every asked-for engine built and every check passed; skipped: checks passed, an
+        engine could not be built here; else fail."""
+        engines = [s for s in (self.engine_status, self.rtx_status) if s != "not run"]
+        if not self.checks_passed or "failed" in engines:
             return "fail"
-        return "pass" if self.engine_status == "built" else "skipped"
+        return "pass" if engines and all(s == "built" for s in engines) else "skipped"
 
     def manifest_entry(self) -> dict[str, Any]:
         """The `trt` section of this subgraph in manifest.json."""
 
-        eng = self.engine
+        eng, rtx = self.engine, self.rtx_engine
         return {
             "status": self.status,
             "precision": self.precision,
@@ -78,6 +85,16 @@ class TrtResult:
                 "timing_cache": _relative(self.timing_cache, self.onnx_path),
                 "tensorrt_version": eng.tensorrt_version if eng else None,
                 "build_seconds": eng.build_seconds if eng else None,
+            },
+            "rtx_engine": {
+                "status": self.rtx_status,
+                "reason": self.rtx_reason,
+                "path": rtx.path.name if rtx else None,
+                "tensorrt_rtx_version": rtx.version if rtx else None,
+                "compute_capabilities": list(rtx.compute_capabilities) if rtx else None,
+                "decomposed_attention_layers": rtx.decomposed_attention if rtx else None,
+                "build_seconds": rtx.build_seconds if rtx else None,
+                "plugin": rtx_plugin_record() if rtx else None,
             },
             "plugins": [plugin_record()] if self.node_counts.get(_plugin_key(), 0) else [],
             "parity": [r.to_json() for r in self.reports],

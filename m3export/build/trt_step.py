@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from m3export.artifacts.io import sha256_file
-from m3export.artifacts.layout import TIMING_CACHE
+from m3export.artifacts.layout import TIMING_CACHE, rtx_engine_name
 from m3export.build.trt_result import Golden, TrtResult, failed_report
 from m3export.export.onnx_export import export_onnx
 from m3export.export.trt.engine import (
@@ -39,6 +39,7 @@ from m3export.export.trt.engine import (
 from m3export.export.trt.graph_check import check_trt_graph, load_supported_ops
 from m3export.export.trt.graph_diff import diff_graphs
 from m3export.export.trt.rewrites import apply_trt_rewrites
+from m3export.export.trt.rtx import RtxBuildError, build_rtx_engine, rtx_unavailable
 from m3export.export.trt.twin import make_ort_twin
 from m3export.ops.lowering import count_nodes, get_lowering
 from m3export.ops.trt_plugin import plugin_record
@@ -151,12 +152,16 @@ def build_trt_targets(
     out_dir.mkdir(parents=True, exist_ok=True)
     _cpu_steps(res, spec, plan, stage, out_dir, trace_inputs, dynamic_axes, golden, ort_onnx, say)
     cache = Path(trt_spec.timing_cache or timing_cache or out_dir.parent / TIMING_CACHE)
-    _engine_steps(res, plan, trt_spec, shapes, golden, cache, say)
+    if "trt" in spec.export.targets:
+        _engine_steps(res, plan, trt_spec, shapes, golden, cache, say)
+    if "trt_rtx" in spec.export.targets:
+        _rtx_engine_step(res, plan, trt_spec, shapes, say)
     made = (
         res.onnx_path,
         res.twin_path,
         out_dir / f"{plan.name}.trt.onnx.data",
         res.engine.path if res.engine else None,
+        res.rtx_engine.path if res.rtx_engine else None,
     )
     res.files = {f.name: sha256_file(f) for f in made if f is not None and f.is_file()}
     res.seconds = time.perf_counter() - start
@@ -257,6 +262,58 @@ def _engine_steps(
     say(f"[trt engine] {plan.name}: parity {'pass' if all(r.passed for r in reports) else 'FAIL'}")
 
 
+def _rtx_engine_step(
+    res: TrtResult, plan: SubgraphPlan, trt_spec: TrtSpec, shapes: ProfileShapes, say: Callable[[str], None]
+) -> None:
+    """The TensorRT-RTX engine, built ahead of time on CPU in a child process (export/trt/rtx.py).
+    Without the wheels: skipped with the install hint. Running it needs an RTX GPU: its execution
+    parity is always reported as skipped here, never as passed."""
+
+    reason = rtx_unavailable()
+    if reason is None and not res.checks_passed:
+        reason = "CPU checks failed"
+    if reason is not None:
+        res.rtx_status, res.rtx_reason = "skipped", reason
+        res.skips.append(ParityReport("trt_rtx_engine", plan.name, "-", {}, skipped=f"no engine: {reason}"))
+        say(f"[trt_rtx engine] {plan.name}: SKIPPED ({reason})")
+        return
+    assert res.onnx_path is not None
+    try:
+        res.rtx_engine = build_rtx_engine(
+            res.onnx_path,
+            res.onnx_path.with_name(rtx_engine_name(plan.name)),
+            shapes,
+            subgraph=plan.name,
+            precision=res.precision,
+            compute_capabilities=trt_spec.compute_capabilities,
+            optimization_level=trt_spec.builder_optimization_level,
+            workspace_gib=trt_spec.workspace_gib,
+        )
+    except RtxBuildError as err:
+        res.rtx_status, res.rtx_reason = "failed", str(err)
+        res.reports.append(failed_report("trt_rtx_engine", plan.name, str(err)))
+        say(f"[trt_rtx engine] {plan.name}: FAIL {err}")
+        return
+    eng = res.rtx_engine
+    res.rtx_status = "built"
+    what = (
+        f"{eng.path.name}, {eng.precision}, {'/'.join(eng.compute_capabilities)}, TensorRT-RTX "
+        f"{eng.version}, {eng.build_seconds:.1f} s"
+    )
+    res.skips.append(ParityReport("trt_rtx_engine", plan.name, "-", {}, built=what))
+    res.skips.append(
+        ParityReport(
+            "trt_rtx_run",
+            plan.name,
+            "-",
+            {},
+            skipped="executing a TensorRT-RTX engine needs an RTX GPU (none here); m3export never "
+            "creates an execution context without one",
+        )
+    )
+    say(f"[trt_rtx engine] {plan.name}: built ({what})")
+
+
 def trt_for_subgraph(
     spec: M3Spec,
     plan: SubgraphPlan,
@@ -289,7 +346,7 @@ def trt_for_subgraph(
 
 def trt_manifest_section(spec: M3Spec, results: list[Any], staging: Path) -> dict[str, Any]:
     """The top-level `trt` section: aggregate status, plugin records, the operator list's source."""
-    if "trt" not in spec.export.targets:
+    if not spec.export.trt_graphs:
         return {}
 
     statuses = {r.status for r in results}

@@ -129,11 +129,11 @@ def make_plugin_functions(
     )
 
 
-def _as_torch(t: Any, dtype: Any) -> Any:
-    """Zero-copy torch view of a `tensorrt.plugin.Tensor` (linear layout) as `dtype`.
+def cuda_view(ptr: int, shape: tuple[int, ...], dtype: Any) -> Any:
+    """Zero-copy torch view of a linear device buffer at `ptr` as `dtype`.
 
     Goes through the CUDA array interface with an integer type of the same width, because that
-    interface has no bfloat16.
+    interface has no bfloat16. Used by both plugins (this one and trt_rtx_plugin.py).
     """
     import torch
 
@@ -143,14 +143,19 @@ def _as_torch(t: Any, dtype: Any) -> Any:
         (),
         {
             "__cuda_array_interface__": {
-                "shape": tuple(int(d) for d in t.shape),
+                "shape": tuple(int(d) for d in shape),
                 "typestr": {2: "<i2", 4: "<i4", 8: "<i8"}[width],
-                "data": (int(t.data_ptr), False),
+                "data": (int(ptr), False),
                 "version": 3,
             }
         },
     )()
     return torch.as_tensor(holder, device="cuda").view(dtype)
+
+
+def _as_torch(t: Any, dtype: Any) -> Any:
+    """Zero-copy torch view of a `tensorrt.plugin.Tensor` (linear layout) as `dtype`."""
+    return cuda_view(int(t.data_ptr), tuple(int(d) for d in t.shape), dtype)
 
 
 def _torch_dtype(trt_dtype: Any) -> Any:

@@ -51,15 +51,23 @@ class ParityReport:
     outputs: tuple[OutputParity, ...] = field(default_factory=tuple)
     error: str | None = None
     skipped: str | None = None  # why the check could not run here (e.g. a backend is not installed)
+    # A step that made an artifact without comparing numbers (a TensorRT-RTX engine built on CPU):
+    # what was built. Shown as BUILT; like a skip, never counted as a passed comparison.
+    built: str | None = None
     # On a failure: where the error first exceeds the tolerance (`summary`, `first_divergent_layer`)
     # and the per-layer errors (`layers`), from m3export.parity.intermediates.
     localisation: dict[str, Any] | None = None
 
     @property
-    def status(self) -> Literal["pass", "fail", "skip"]:
-        """A skipped check is neither passed nor failed: it never counts as evidence."""
+    def status(self) -> Literal["pass", "fail", "skip", "built"]:
+        """A skipped check is neither passed nor failed: it never counts as evidence (nor does a
+        built artifact whose numbers nothing compared)."""
+        if self.error is not None:
+            return "fail"
         if self.skipped is not None:
             return "skip"
+        if self.built is not None:
+            return "built"
         return "pass" if self.error is None and all(o.passed for o in self.outputs) else "fail"
 
     @property
@@ -87,6 +95,57 @@ def _routing_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.all(sa == sb, axis=-1))) if sa.size else 1.0
 
 
+@dataclass
+class _Stats:
+    max_abs: float = 0.0
+    peak: float = 0.0
+    max_rel: float = 0.0
+    dot: float = 0.0
+    sum_aa: float = 0.0
+    sum_ee: float = 0.0
+    nonfinite: bool = False
+    both_exceeded: bool = False  # some element exceeds max_abs and max_rel x |ref| (with max_rel set)
+
+
+_CHUNK = 1 << 18  # elements per float64 pass: temporaries stay in cache (a 200k-vocab logits tensor
+# is tens of millions of elements; whole-array float64 temporaries made comparing the slowest step)
+
+
+def _stats(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> _Stats:
+    """The error statistics of `actual` vs `expected` in float64, a chunk at a time (whole arrays at
+    once when a value is not finite, so NaN / inf propagate exactly as numpy's reductions do)."""
+    st = _Stats()
+    fa, fe = actual.reshape(-1), expected.reshape(-1)
+    for lo in range(0, fa.size, _CHUNK):
+        a = fa[lo : lo + _CHUNK].astype(np.float64)
+        e = fe[lo : lo + _CHUNK].astype(np.float64)
+        if not (np.isfinite(a).all() and np.isfinite(e).all()):
+            return _whole_stats(fa.astype(np.float64), fe.astype(np.float64), tol)
+        _accumulate(st, a, e, tol)
+    return st
+
+
+def _whole_stats(a: np.ndarray, e: np.ndarray, tol: Tolerance) -> _Stats:
+    st = _Stats(nonfinite=True)
+    _accumulate(st, a, e, tol)
+    st.max_abs = float(np.abs(a - e).max())  # NaN if any: Python's max() would drop it
+    st.peak = float(np.abs(e).max())
+    return st
+
+
+def _accumulate(st: _Stats, a: np.ndarray, e: np.ndarray, tol: Tolerance) -> None:
+    diff = np.abs(a - e)
+    abs_e = np.abs(e)
+    st.max_abs = max(st.max_abs, float(diff.max()))
+    st.peak = max(st.peak, float(abs_e.max()))
+    st.max_rel = max(st.max_rel, float((diff / np.maximum(abs_e, 1e-12)).max()))
+    st.dot += float(np.dot(a, e))
+    st.sum_aa += float(np.dot(a, a))
+    st.sum_ee += float(np.dot(e, e))
+    if tol.max_abs is not None and tol.max_rel is not None and not st.both_exceeded:
+        st.both_exceeded = bool(np.any((diff > tol.max_abs) & (diff > tol.max_rel * abs_e)))
+
+
 def compare_output(
     name: str, actual: np.ndarray, expected: np.ndarray, tol: Tolerance, kind: Kind
 ) -> OutputParity:
@@ -111,25 +170,22 @@ def compare_output(
         if agree < need:
             failures.append(f"routing agreement {agree:.4f} < {need}")
         return OutputParity(name, kind, 0.0, 0.0, 1.0, None, agree, tuple(failures))
-    a, e = actual.astype(np.float64), expected.astype(np.float64)
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(e))):
+    st = _stats(actual, expected, tol)
+    if st.nonfinite:
         failures.append("non-finite values")
-    diff = np.abs(a - e)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    peak = float(np.abs(e).max()) if e.size else 0.0
+    max_abs, peak, max_rel = st.max_abs, st.peak, st.max_rel
     scaled = max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else np.inf)
-    max_rel = float((diff / np.maximum(np.abs(e), 1e-12)).max()) if diff.size else 0.0
-    na, ne = np.linalg.norm(a), np.linalg.norm(e)
-    cosine = float(np.dot(a.ravel(), e.ravel()) / (na * ne)) if na > 0 and ne > 0 else float(na == ne)
+    na, ne = np.sqrt(st.sum_aa), np.sqrt(st.sum_ee)
+    cosine = float(st.dot / np.sqrt(st.sum_aa * st.sum_ee)) if na > 0 and ne > 0 else float(na == ne)
     top1 = None
-    if kind == "logits" and a.size:
-        top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(e, axis=-1)))
+    if kind == "logits" and actual.size:  # float32 -> float64 is exact: argmax on the stored dtype
+        top1 = float(np.mean(np.argmax(actual, axis=-1) == np.argmax(expected, axis=-1)))
     # An element fails only if it exceeds both atol and rtol (Polygraphy semantics) when max_rel is set.
     if tol.max_abs is not None:
         if tol.max_rel is None:
             if max_abs > tol.max_abs:
                 failures.append(f"max abs {max_abs:.3g} > {tol.max_abs:.3g}")
-        elif np.any((diff > tol.max_abs) & (diff > tol.max_rel * np.abs(e))):
+        elif st.both_exceeded:
             failures.append(
                 f"max abs {max_abs:.3g} > {tol.max_abs:.3g} and max rel {max_rel:.3g} > {tol.max_rel:.3g}"
             )

@@ -359,8 +359,11 @@ def parity_rows(reports: Sequence[ParityReport]) -> list[tuple[str, ...]]:
     """(subgraph, step, case, output, max_abs, cosine, top1, verdict) per output of every report."""
     rows: list[tuple[str, ...]] = []
     for r in reports:
-        if r.skipped is not None:
+        if r.status == "skip":
             rows.append((r.subject, r.step, r.case, "-", "-", "-", "-", f"SKIP ({r.skipped})"))
+            continue
+        if r.status == "built":
+            rows.append((r.subject, r.step, r.case, "-", "-", "-", "-", f"BUILT ({r.built})"))
             continue
         if r.error is not None or not r.outputs:
             rows.append((r.subject, r.step, r.case, "-", "-", "-", "-", f"FAIL ({r.error})"))

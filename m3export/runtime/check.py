@@ -1,7 +1,8 @@
 """`m3export check`: verify a built artifact directory, then re-run what its goldens can reproduce.
 
-Integrity first (m3export/artifacts/verify.py; a failure raises `ArtifactError`, exit 3, before
-anything is run), and the backend's availability and runtime range (exit 2). Then, with the chosen
+Integrity first (m3export/artifacts/verify.py, then the header of every TensorRT-RTX engine through
+`Runtime.get_engine_validity` in a child process, no GPU needed; a failure raises `ArtifactError`,
+exit 3, before anything is run), and the backend's availability and runtime range (exit 2). Then, with the chosen
 backend (a failure is exit 1):
 
 - `build`:      the build's own verdict: a build that recorded a failure never passes;
@@ -29,6 +30,7 @@ import numpy as np
 from m3export.artifacts.io import atomic_write
 from m3export.artifacts.verify import Progress, SubgraphArtifact, VerifiedArtifacts, verify_artifacts
 from m3export.errors import ArtifactError, InputError
+from m3export.export.trt.rtx import engine_headers, rtx_unavailable
 from m3export.parity.compare import ParityReport, compare_outputs
 from m3export.parity.intermediates import localise, routing_report
 from m3export.parity.report import REPORT_VERSION, CheckEntry, LayerError, render_reports, report_paths
@@ -55,6 +57,7 @@ class CheckResult:
     seconds: float
     cases: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
+    engines: tuple[dict[str, Any], ...] = ()  # TensorRT-RTX engine headers checked (`rtx_engine_headers`)
     integrity_error: str | None = None
     report_files: tuple[Path, ...] = field(default=())
 
@@ -102,6 +105,7 @@ class CheckResult:
             },
             "cases": list(self.cases),
             "skipped": list(self.skipped),
+            "engines": list(self.engines),
             "results": [e.to_json() for e in self.entries],
         }
 
@@ -318,6 +322,41 @@ def run_parity(
     return entries + chain + gen, skipped
 
 
+def rtx_engine_headers(arts: VerifiedArtifacts, say: Progress) -> tuple[list[dict[str, Any]], list[str]]:
+    """Header validity of every built TensorRT-RTX engine (`Runtime.get_engine_validity`, no GPU
+    needed) and the skipped lines: their execution needs an RTX GPU. A header TensorRT-RTX calls
+    malformed or of another version is an integrity failure (ArtifactError)."""
+    built = {
+        sub.name: arts.root / sub.name / str(rtx["path"])
+        for sub in arts.subgraphs
+        if (rtx := (sub.trt_entry or {}).get("rtx_engine") or {}).get("status") == "built"
+    }
+    if not built:
+        return [], []
+    reason = rtx_unavailable()
+    if reason is not None:
+        return [], [f"trt_rtx engine headers of {', '.join(built)} ({reason})"]
+    headers = engine_headers(list(built.values()))
+    for name, head in zip(built, headers, strict=True):
+        if head.file_problems:
+            raise ArtifactError(
+                f"{head.path.relative_to(arts.root)}: TensorRT-RTX reads the engine of {name} as "
+                f"{'/'.join(head.file_problems)} (diagnostics {head.diagnostics}); rebuild it"
+            )
+    say(f"[trt_rtx] engine headers well-formed: {', '.join(built)}")
+    engines = [
+        {
+            "subgraph": name,
+            "file": head.path.relative_to(arts.root).as_posix(),
+            "header": "well-formed",
+            "validity_here": head.validity,
+            "diagnostics": head.diagnostics,
+        }
+        for name, head in zip(built, headers, strict=True)
+    ]
+    return engines, [f"trt_rtx execution of {', '.join(built)} (needs an RTX GPU; none here)"]
+
+
 def write_reports(doc: dict[str, Any], path: str | os.PathLike[str]) -> tuple[Path, ...]:
     """Write the JSON report and its JUnit, Markdown and PNG renderings (atomically); the four paths."""
     paths = report_paths(path)
@@ -351,6 +390,7 @@ def check_artifacts(
     get_backend(backend, BACKENDS)
     try:
         arts = verify_artifacts(root, say, key=key)
+        engines, engine_skips = rtx_engine_headers(arts, say)  # part of integrity: before any run
         runners = open_runners(backend, arts.subgraphs, arts.build_info(), BACKENDS)
         entries, skipped = run_parity(arts, lambda sub: runners[sub.name], say, backend)
     except ArtifactError as err:
@@ -359,7 +399,16 @@ def check_artifacts(
             write_reports(failed.to_json(), report)
         raise
     seconds = time.perf_counter() - start
-    result = CheckResult(root, backend, arts.files, tuple(entries), seconds, arts.cases, tuple(skipped))
+    result = CheckResult(
+        root,
+        backend,
+        arts.files,
+        tuple(entries),
+        seconds,
+        arts.cases,
+        (*skipped, *engine_skips),
+        tuple(engines),
+    )
     if report is not None:
         result = replace(result, report_files=write_reports(result.to_json(), report))
     return result

@@ -330,9 +330,16 @@ class TrtTolerancesSpec(_Strict):
     engine: Tolerance | None = Field(None, description="each engine vs its eager subgraph")
 
 
+# TensorRT-RTX compute capabilities an engine may target without a GPU (`CURRENT` needs one and, with
+# a plugin layer, aborts the process there; SM75 refuses fp32 GEMMs). docs/tensorrt.md.
+RtxComputeCapability = Literal["SM80", "SM86", "SM89", "SM120", "SM121"]
+RTX_DEFAULT_CAPABILITIES: tuple[RtxComputeCapability, ...] = ("SM80", "SM86", "SM89", "SM120")
+
+
 class TrtSpec(_Strict):
-    """TensorRT engines (`targets: [onnx, trt]`). TensorRT 11 networks are strongly typed: the engine
-    computes in the ONNX graph's dtypes, so `precision` must be the spec dtype's (None: follow it)."""
+    """TensorRT engines (`targets: [onnx, trt]` for datacenter TensorRT, `trt_rtx` for TensorRT-RTX;
+    both share this section). TensorRT networks are strongly typed: the engine computes in the ONNX
+    graph's dtypes, so `precision` must be the spec dtype's (None: follow it)."""
 
     precision: Literal["fp32", "fp16", "bf16"] | None = None
     profiles: TrtProfilesSpec = TrtProfilesSpec()
@@ -341,10 +348,19 @@ class TrtSpec(_Strict):
     workspace_gib: float | None = Field(None, gt=0)
     tf32: bool = Field(False, description="let fp32 GEMMs use TF32 (faster, ~1e-3 relative error)")
     tolerances: TrtTolerancesSpec = TrtTolerancesSpec()
+    compute_capabilities: list[RtxComputeCapability] = Field(
+        default_factory=lambda: list(RTX_DEFAULT_CAPABILITIES),
+        min_length=1,
+        description="TensorRT-RTX engines only: the GPU architectures each engine is built for "
+        "(explicit, so that engines build on a machine without a GPU)",
+    )
+
+
+TRT_TARGETS = ("trt", "trt_rtx")
 
 
 class ExportSpec(_Strict):
-    targets: list[Literal["onnx", "trt"]] = ["onnx"]
+    targets: list[Literal["onnx", "trt", "trt_rtx"]] = ["onnx"]
     moe: str = Field(
         "ort", description="MoE lowering of the ONNX Runtime graphs: ort, portable, or a registered one"
     )
@@ -354,9 +370,16 @@ class ExportSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _trt_defaults(cls, data: object) -> object:
-        if isinstance(data, dict) and "trt" in (data.get("targets") or ()) and data.get("trt") is None:
+        targets = data.get("targets") if isinstance(data, dict) else None
+        wants = isinstance(targets, list) and any(t in TRT_TARGETS for t in targets if isinstance(t, str))
+        if isinstance(data, dict) and wants and data.get("trt") is None:
             data = {**data, "trt": {}}
         return data
+
+    @property
+    def trt_graphs(self) -> bool:
+        """Whether the build makes TensorRT-flavoured graphs (for either TensorRT target)."""
+        return any(t in TRT_TARGETS for t in self.targets)
 
     @model_validator(mode="after")
     def _known_lowering(self) -> ExportSpec:
@@ -371,9 +394,10 @@ class ExportSpec(_Strict):
 
     @model_validator(mode="after")
     def _trt_target(self) -> ExportSpec:
-        if self.trt is not None and "trt" not in self.targets:
+        if self.trt is not None and not set(self.targets) & set(TRT_TARGETS):
             raise ValueError(
-                "export.trt is given but 'trt' is not in export.targets; add it or drop export.trt"
+                "export.trt is given but neither 'trt' nor 'trt_rtx' is in export.targets; add one or "
+                "drop export.trt"
             )
         return self
 

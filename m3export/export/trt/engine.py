@@ -144,6 +144,7 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"{onnx_path.name}: the TensorRT ONNX parser failed: {errors}")
+    mark_attention_decomposable(trt, network)  # the builder keeps a dedicated kernel where one exists
     config = builder.create_builder_config()
     config.builder_optimization_level = optimization_level
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):  # fp32 parity needs true fp32 GEMMs
@@ -170,6 +171,26 @@ def build_engine(
         tensorrt_version=str(trt.__version__),
         build_seconds=time.perf_counter() - start,
     )
+
+
+def mark_attention_decomposable(trt: Any, network: Any) -> int:
+    """Let the builder decompose every parsed `Attention` layer; returns how many there were.
+
+    fp32 Attention has no dedicated kernel in TensorRT-RTX (measured) and onnx-tensorrt's importer,
+    shared with datacenter TensorRT, reads the same `TRT_decomposable` flag with default 0. The flag
+    is set on the network, never written into the ONNX file (onnx.checker and ONNX Runtime reject it).
+    """
+    boundary = getattr(trt.LayerType, "ATTENTION_OUTPUT", None)
+    if boundary is None:  # a TensorRT without IAttention imports Attention another way
+        return 0
+    seen = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == boundary:
+            layer.__class__ = trt.IAttentionOutputLayer
+            layer.attention.decomposable = True
+            seen += 1
+    return seen
 
 
 def engine_io(engine: Any) -> tuple[list[str], list[str]]:
