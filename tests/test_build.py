@@ -110,38 +110,6 @@ def test_unknown_subgraph_is_a_user_error(tmp_path: Path, capsys: pytest.Capture
     assert "text_9" in stderr and "text_0" in stderr
 
 
-def test_build_with_trt_target_reports_engines_skipped(
-    tmp_path: Path, tiny_spec: M3Spec, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without TensorRT nor the TensorRT-RTX wheels: TRT-flavoured ONNX + CPU checks (ORT twin parity)
-    pass, both engines are SKIP (not pass) in the table and the manifest, with the reason and an
-    install hint, and the build exits 0."""
-    pytest.importorskip("onnx")
-    from m3export.export.trt import rtx
-    from m3export.export.trt.engine import tensorrt_unavailable
-
-    if tensorrt_unavailable() is None:
-        pytest.skip("TensorRT and a GPU are present: the engine would be built (see tests/test_trt_gpu.py)")
-    monkeypatch.setattr(rtx, "RTX_MODULE", "tensorrt_rtx_bindings_not_installed")  # as if absent
-    data = tiny_spec.model_dump(mode="json")
-    data["export"]["targets"] = ["onnx", "trt", "trt_rtx"]
-    spec_file = tmp_path / "trt.yaml"
-    spec_file.write_text(json.dumps(data))
-    out = tmp_path / "trt"
-    code, stdout, stderr = run_cli(["build", str(spec_file), "--out", str(out), "--only", "text_1"], capsys)
-    assert code == 0, stdout + stderr
-    assert "trt_engine" in stdout and "SKIP (no engine:" in stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    entry = manifest["subgraphs"]["text_1"]["trt"]
-    assert entry["status"] == "skipped" and manifest["trt"]["status"] == "skipped"
-    assert "text_1/text_1.trt.onnx" in manifest["subgraphs"]["text_1"]["files"]
-    steps = {(r["step"], r["status"]) for r in manifest["subgraphs"]["text_1"]["parity"]}
-    assert ("trt_twin", "pass") in steps and ("trt_engine", "skip") in steps
-    assert ("trt_rtx_engine", "skip") in steps and entry["rtx_engine"]["status"] == "skipped"
-    assert "TensorRT-RTX is not installed; pip install 'tensorrt-rtx-cu13-libs==" in stdout
-    assert not list(out.glob("*/*.engine"))
-
-
 def test_a_precision_the_build_cannot_make_is_refused_in_one_line(
     tmp_path: Path, tiny_spec: M3Spec, capsys: pytest.CaptureFixture[str]
 ) -> None:

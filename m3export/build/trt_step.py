@@ -207,6 +207,17 @@ def _cpu_steps(
     say(f"[trt twin] {plan.name}: {verdict} ({len(reports)} cases)")
 
 
+def _skip_reason(res: TrtResult, unavailable: str | None) -> str | None:
+    """Why an engine is not built here: the library is missing, or the CPU checks failed."""
+    return unavailable if unavailable is not None else None if res.checks_passed else "CPU checks failed"
+
+
+def _skip(res: TrtResult, step: str, plan: SubgraphPlan, reason: str, say: Callable[[str], None]) -> None:
+    # Shown in the build's table as SKIP: never counted as passed (nor as failed).
+    res.skips.append(ParityReport(step, plan.name, "-", {}, skipped=f"no engine: {reason}"))
+    say(f"[{step.replace('_engine', ' engine')}] {plan.name}: SKIPPED ({reason})")
+
+
 def _engine_steps(
     res: TrtResult,
     plan: SubgraphPlan,
@@ -219,14 +230,10 @@ def _engine_steps(
     """Step 6: build the engine where TensorRT and a GPU are present (else skipped, with the reason),
     then compare it with the eager subgraph when `export.trt.tolerances.engine` is set."""
 
-    reason = tensorrt_unavailable()
-    if reason is None and not res.checks_passed:
-        reason = "CPU checks failed"
+    reason = _skip_reason(res, tensorrt_unavailable())
     if reason is not None:
         res.engine_status, res.engine_reason = "skipped", reason
-        # Shown in the build's table as SKIP: never counted as passed (nor as failed).
-        res.skips.append(ParityReport("trt_engine", plan.name, "-", {}, skipped=f"no engine: {reason}"))
-        say(f"[trt engine] {plan.name}: SKIPPED ({reason})")
+        _skip(res, "trt_engine", plan, reason, say)
         return
     assert res.onnx_path is not None
     res.timing_cache = cache
@@ -269,13 +276,10 @@ def _rtx_engine_step(
     Without the wheels: skipped with the install hint. Running it needs an RTX GPU: its execution
     parity is always reported as skipped here, never as passed."""
 
-    reason = rtx_unavailable()
-    if reason is None and not res.checks_passed:
-        reason = "CPU checks failed"
+    reason = _skip_reason(res, rtx_unavailable())
     if reason is not None:
         res.rtx_status, res.rtx_reason = "skipped", reason
-        res.skips.append(ParityReport("trt_rtx_engine", plan.name, "-", {}, skipped=f"no engine: {reason}"))
-        say(f"[trt_rtx engine] {plan.name}: SKIPPED ({reason})")
+        _skip(res, "trt_rtx_engine", plan, reason, say)
         return
     assert res.onnx_path is not None
     try:
