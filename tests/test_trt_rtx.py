@@ -158,17 +158,16 @@ def test_check_fields_refuses_missing_and_mistyped_attributes() -> None:
 
 @needs_rtx
 def test_a_child_that_dies_is_one_line_naming_the_subgraph(
-    rtx_build: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The library can abort the process: the parent reports the signal, keeps no partial engine."""
-    out, _, _ = rtx_build
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'terminate called without an active exception' >&2\nkill -ABRT $$\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setattr(rtx.sys, "executable", str(fake))
     engine = tmp_path / "x.engine"
     with pytest.raises(RtxBuildError) as err:
-        build_rtx_engine(out / "mtp" / "mtp.trt.onnx", engine, {}, subgraph="mtp", precision="fp32")
+        build_rtx_engine(tmp_path / "mtp.trt.onnx", engine, {}, subgraph="mtp", precision="fp32")
     msg = str(err.value)
     assert msg.startswith("TensorRT-RTX engine of mtp: the TensorRT-RTX child process died (signal 6)")
     assert "terminate called" in msg and "\n" not in msg
@@ -247,14 +246,17 @@ FP16_SUBGRAPHS = ("text_1",)
 
 
 @needs_rtx
-def test_fp16_graphs_parse_and_build(rtx_build: Any, tiny_spec: M3Spec, tmp_path: Path) -> None:
+def test_fp16_graphs_parse_and_build(tiny_spec: M3Spec, tmp_path: Path) -> None:
     """fp16 engines: fp16 Attention builds with its dedicated kernel, the plugin's format
-    combinations accept fp16 hidden / expert tensors with an fp32 router."""
+    combinations accept fp16 hidden / expert tensors with an fp32 router. Independent of the shared
+    build, so another worker can run it meanwhile."""
+    from m3export.export.trt.engine import profile_shapes
     from m3export.model.factory import load_model
+    from m3export.spec.models import TrtSpec
+    from m3export.split.plan import plan_subgraphs
 
-    out, _, _ = rtx_build
-    manifest = json.loads((out / "manifest.json").read_text())
     model = load_model(tiny_spec)
+    plans = {p.name: p for p in plan_subgraphs(tiny_spec)}
     for name in FP16_SUBGRAPHS:
         path = _fp16_trt_graph(tiny_spec, name, model, tmp_path)
         inputs = {
@@ -262,7 +264,7 @@ def test_fp16_graphs_parse_and_build(rtx_build: Any, tiny_spec: M3Spec, tmp_path
             for i in onnx.load(path, load_external_data=False).graph.input
         }
         assert onnx.TensorProto.FLOAT16 in inputs.values() and onnx.TensorProto.FLOAT not in inputs.values()
-        shapes = manifest["subgraphs"][name]["trt"]["profile"]
+        shapes = profile_shapes(plans[name], TrtSpec(), tiny_spec)
         eng = build_rtx_engine(
             path, path.with_name(f"{name}.rtx.engine"), shapes, subgraph=name, precision="fp16"
         )

@@ -19,10 +19,11 @@ class PinnedFile:
     file swapped (renamed over) after verification is never what runs (time of check = time of use).
     In-place rewrites by someone with write access are outside this guarantee (README, threat model)."""
 
+    fd: int = -1  # until opened: __del__ runs even when __init__ raises before the open
+
     def __init__(self, path: Path) -> None:
 
         self.path = path
-        self.fd = -1  # set first: __del__ runs even when open() below raises
         self.fd = os.open(path, os.O_RDONLY)
         info = os.fstat(self.fd)
         if not stat.S_ISREG(info.st_mode):
