@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from m3export.ops.trt_plugin import plugin_compute
+from m3export.ops.trt_plugin import decode_attributes, plugin_compute
 from m3export.ops.trt_signature import M3_MOE_PLUGIN, PluginSignature
 
 _FIELD_TYPE = {"int": "INT32", "float": "FLOAT32"}  # PluginFieldType member per signature kind
@@ -33,53 +33,64 @@ _FIELD_NUMPY = {"int": np.int32, "float": np.float32}
 
 
 def check_fields(fields: dict[str, tuple[str, np.ndarray]], sig: PluginSignature = M3_MOE_PLUGIN) -> None:
-    """`fields`: name -> (PluginFieldType name, values). ValueError naming the first bad attribute."""
+    """`fields`: name -> (PluginFieldType name, values). ValueError naming the first bad attribute:
+    a type other than the signature's here, a missing or multi-valued one in `decode_attributes`."""
     for attr in sig.attributes:
-        if attr.name not in fields:
-            raise ValueError(f"{sig.plugin_id}: attribute {attr.name!r} missing; got {sorted(fields)}")
-        kind, data = fields[attr.name]
+        kind = fields[attr.name][0] if attr.name in fields else _FIELD_TYPE[attr.kind]
         if kind != _FIELD_TYPE[attr.kind]:
             raise ValueError(
                 f"{sig.plugin_id}: attribute {attr.name!r} has type {kind}, the signature declares "
                 f"{attr.kind} ({_FIELD_TYPE[attr.kind]})"
             )
-        if np.asarray(data).size != 1:
-            raise ValueError(f"{sig.plugin_id}: attribute {attr.name!r} must hold one value")
+    decode_attributes({name: data for name, (_, data) in fields.items()}, sig)
 
 
-@functools.cache
-def plugin_classes(trt: Any, sig: PluginSignature = M3_MOE_PLUGIN) -> tuple[type, type]:
-    """(plugin class, creator class) for the TensorRT(-RTX) bindings module `trt`."""
+def _field_collection(trt: Any, sig: PluginSignature, values: dict[str, np.ndarray] | None) -> Any:
+    """The signature's attributes as TensorRT plugin fields: `values` (one each), or empty (the
+    creator's declaration)."""
+    return trt.PluginFieldCollection(
+        [
+            trt.PluginField(
+                a.name,
+                np.asarray([] if values is None else values[a.name], dtype=_FIELD_NUMPY[a.kind]).reshape(-1),
+                getattr(trt.PluginFieldType, _FIELD_TYPE[a.kind]),
+            )
+            for a in sig.attributes
+        ]
+    )
 
-    act_types = (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
-    n_in = len(sig.inputs)
+
+def _format_supported(
+    trt: Any, sig: PluginSignature, pos: int, in_out: Sequence[Any], num_inputs: int
+) -> bool:
+    """The signature's dtype rules: LINEAR only; fp32 params fp32; every `T` param hidden's dtype,
+    which is fp32, fp16 or bf16."""
     params = (*sig.inputs, *sig.outputs)
+    desc = in_out[pos].desc
+    if num_inputs != len(sig.inputs) or desc.format != trt.TensorFormat.LINEAR:
+        return False
+    if params[pos].dtype == "float32":
+        return bool(desc.type == trt.DataType.FLOAT)
+    if pos == 0:
+        return desc.type in (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
+    return bool(desc.type == in_out[0].desc.type)
 
-    def field_collection(values: dict[str, np.ndarray]) -> Any:
-        return trt.PluginFieldCollection(
-            [
-                trt.PluginField(
-                    a.name,
-                    np.asarray(values[a.name], dtype=_FIELD_NUMPY[a.kind]).reshape(1),
-                    getattr(trt.PluginFieldType, _FIELD_TYPE[a.kind]),
-                )
-                for a in sig.attributes
-            ]
-        )
+
+def _plugin_class(trt: Any, sig: PluginSignature) -> type:
+    """The IPluginV3 (core / build / runtime in one object) of `sig`."""
 
     class M3MoEPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):  # type: ignore[misc,name-defined]
         def __init__(self, values: dict[str, np.ndarray], phase: Any = None) -> None:
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
-            self.plugin_name = sig.name
-            self.plugin_namespace = sig.namespace
-            self.plugin_version = sig.version
+            for base in (trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+                base.__init__(self)
+            self.plugin_name, self.plugin_namespace, self.plugin_version = (
+                sig.name,
+                sig.namespace,
+                sig.version,
+            )
             self.num_outputs = len(sig.outputs)
             self.timing_cache_id = ""
-            self.values = values
-            self.phase = phase
+            self.values, self.phase = values, phase
 
         def get_capability_interface(self, _type: Any) -> Any:
             return self
@@ -91,14 +102,7 @@ def plugin_classes(trt: Any, sig: PluginSignature = M3_MOE_PLUGIN) -> tuple[type
             return [trt.DimsExprs(inputs[0])]  # routed: hidden's shape [T, H]
 
         def supports_format_combination(self, pos: int, in_out: Sequence[Any], num_inputs: int) -> bool:
-            desc = in_out[pos].desc
-            if num_inputs != n_in or desc.format != trt.TensorFormat.LINEAR:
-                return False
-            if params[pos].dtype == "float32":
-                return bool(desc.type == trt.DataType.FLOAT)
-            if pos == 0:
-                return desc.type in act_types
-            return bool(desc.type == in_out[0].desc.type)  # every "T" tensor shares hidden's dtype
+            return _format_supported(trt, sig, pos, in_out, num_inputs)
 
         def configure_plugin(self, _inp: Any, _out: Any) -> None:
             return None
@@ -116,7 +120,7 @@ def plugin_classes(trt: Any, sig: PluginSignature = M3_MOE_PLUGIN) -> tuple[type
             return None
 
         def get_fields_to_serialize(self) -> Any:
-            return field_collection(self.values)
+            return _field_collection(trt, sig, self.values)
 
         def enqueue(
             self,
@@ -135,29 +139,31 @@ def plugin_classes(trt: Any, sig: PluginSignature = M3_MOE_PLUGIN) -> tuple[type
         def clone(self) -> Any:
             return M3MoEPlugin(dict(self.values), self.phase)
 
+    return M3MoEPlugin
+
+
+def _creator_class(trt: Any, sig: PluginSignature, plugin_cls: type) -> type:
+    """The IPluginCreatorV3One of `sig`: checks the fields TensorRT passes, makes `plugin_cls`."""
+
     class M3MoECreator(trt.IPluginCreatorV3One):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             trt.IPluginCreatorV3One.__init__(self)
-            self.name = sig.name
-            self.plugin_namespace = sig.namespace
-            self.plugin_version = sig.version
-            self.field_names = trt.PluginFieldCollection(
-                [
-                    trt.PluginField(
-                        a.name,
-                        np.array([], dtype=_FIELD_NUMPY[a.kind]),
-                        getattr(trt.PluginFieldType, _FIELD_TYPE[a.kind]),
-                    )
-                    for a in sig.attributes
-                ]
-            )
+            self.name, self.plugin_namespace, self.plugin_version = sig.name, sig.namespace, sig.version
+            self.field_names = _field_collection(trt, sig, None)
 
         def create_plugin(self, _name: str, fc: Any, phase: Any) -> Any:
             fields = {f.name: (f.type.name, np.array(f.data).reshape(-1)) for f in fc}
             check_fields(fields, sig)
-            return M3MoEPlugin({a.name: fields[a.name][1].copy() for a in sig.attributes}, phase)
+            return plugin_cls({a.name: fields[a.name][1].copy() for a in sig.attributes}, phase)
 
-    return M3MoEPlugin, M3MoECreator
+    return M3MoECreator
+
+
+@functools.cache
+def plugin_classes(trt: Any, sig: PluginSignature = M3_MOE_PLUGIN) -> tuple[type, type]:
+    """(plugin class, creator class) for the TensorRT(-RTX) bindings module `trt`."""
+    plugin_cls = _plugin_class(trt, sig)
+    return plugin_cls, _creator_class(trt, sig, plugin_cls)
 
 
 def register_rtx_plugin(trt: Any, sig: PluginSignature = M3_MOE_PLUGIN) -> Any:
