@@ -141,7 +141,7 @@ def bench_latency(spec_path: Path, seq: int, threads: int, warmup: int, runs: in
             fns[f"ort-{lowering}"] = run_ort
         torch.set_num_threads(threads)
         model = load_model(spec).eval()
-        stages = {p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names) for p in plans}
+        stages = {p.name: TorchRunner.for_plan(build_stage(model, p), p) for p in plans}
 
         def run_eager() -> dict[str, np.ndarray]:
             with torch.inference_mode():

@@ -74,7 +74,9 @@ def spec_validate(file: Annotated[Path, typer.Argument(help="YAML spec file")]) 
     from m3export.spec import load_spec
 
     spec = load_spec(file)
-    typer.echo(f"{file}: ok ({spec.name}, {spec.text.num_hidden_layers} layers, dtype {spec.dtype})")
+    typer.echo(
+        f"{file}: ok ({spec.name}, {spec.text.num_hidden_layers} layers, weights {spec.dtype}, graphs {spec.graph_dtype})"
+    )
 
 
 @spec_app.command("schema")

@@ -88,8 +88,16 @@ def test_bf16_on_disk(model: M3ForCausalLM, tiny_text_spec: M3Spec, tmp_path: Pa
     for k, v in model.state_dict().items():
         want = v if k.endswith(KEEP_FP32) else v.to(torch.bfloat16).float()
         assert fp32.state_dict()[k].dtype == torch.float32 and torch.equal(fp32.state_dict()[k], want), k
-    # Into a bf16 model (dtype read from config.json): bf16, except the fp32 router and bias.
-    bf16 = M3ForCausalLM.from_pretrained(tmp_path)
+    # config.json's torch_dtype is the storage dtype: the spec read from it computes in float32 unless
+    # its export.precision says otherwise; the values are those bf16 roundings either way.
+    read = M3ForCausalLM.from_pretrained(tmp_path)
+    for k, v in read.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, fp32.state_dict()[k]), k
+    # Into a bf16 model (graphs in bf16): bf16, except the fp32 router and bias.
+    data = tiny_text_spec.model_dump(mode="json")
+    data["export"]["precision"]["dtype"] = "bfloat16"
+    data.pop("tolerances")
+    bf16 = M3ForCausalLM.from_pretrained(tmp_path, spec=M3Spec.model_validate(data))
     for k, v in bf16.state_dict().items():
         assert v.dtype == (torch.float32 if k.endswith(KEEP_FP32) else torch.bfloat16), k
         assert torch.equal(v.float(), fp32.state_dict()[k]), k

@@ -105,7 +105,7 @@ def test_mtp_with_an_agreeing_head_accepts_every_draft(tiny_text_spec: M3Spec) -
     model = M3ForCausalLM.from_config(tiny_text_spec, seed=5)
     make_mtp_agree(model)
     plans = plan_subgraphs(tiny_text_spec)
-    runners = {p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names) for p in plans}
+    runners = {p.name: TorchRunner.for_plan(build_stage(model, p), p) for p in plans}
 
     def run(plan: Any, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return runners[plan.name].infer(feed)

@@ -307,3 +307,45 @@ def test_registry_names_and_errors() -> None:
         get_lowering("tensorrt-typo")
     with pytest.raises(ValueError, match="already registered"):
         register_lowering(get_lowering("ort"))
+
+
+def _float16_block(num_experts: int, k: int, seed: int) -> MoEBlock:
+    """The block in fp16 with the router weight and correction bias kept fp32, as the model keeps them
+    (m3-architecture.md §2.7; m3export/model/moe.py)."""
+    block = MoEBlock(num_experts, k, scale=2.0, seed=seed).eval().half()
+    block.router_weight.data = block.router_weight.data.float()
+    block.correction_bias = block.correction_bias.float()
+    return block
+
+
+@pytest.mark.parametrize("name", ["ort", "portable"])
+def test_float16_lowering_matches_float16_eager_and_float64(tmp_path: Path, name: str) -> None:
+    """An fp16 graph (export.precision.dtype float16): fp16 expert weights in the file, the router in
+    fp32, and ORT's fp16 kernels within fp16 rounding of the fp16 eager op and of float64 on the same
+    (fp16-rounded) weights. A wrong layout is off by the output's whole scale."""
+    block = _float16_block(8, 3, seed=8)
+    art = export_onnx(
+        block,
+        {"hidden_states": torch.from_numpy(_tokens(TRACE_TOKENS, seed=99)).half()},
+        tmp_path / f"{name}.onnx",
+        output_names=["routed", "hidden_out"],
+        dynamic_axes={"hidden_states": {0: "tokens"}},
+        opset=23,
+        lowering=get_lowering(name),
+    )
+    graph = onnx.load(art.path, load_external_data=False)
+    big = {t.name: t.data_type for t in graph.graph.initializer if np.prod(t.dims) >= 8 * HIDDEN}
+    assert onnx.TensorProto.FLOAT16 in big.values(), big
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    for n in (5, 200):
+        x = _tokens(n, seed=n).astype(np.float16)
+        _check_case_exercises_routing_and_clamp(block, x.astype(np.float32))
+        got = _run(art, x)["routed"].astype(np.float64)
+        with torch.no_grad():
+            eager = block(torch.from_numpy(x))[0].double().numpy()
+        want = reference_moe(block, x)
+        scale = np.abs(want).max()
+        vs_eager, vs_ref = np.abs(got - eager).max() / scale, np.abs(got - want).max() / scale
+        # fp16 carries 11 bits (eps 2^-11 = 4.9e-4): a few roundings of the output scale.
+        assert vs_eager <= 4e-3, f"{name} T={n}: vs fp16 eager {vs_eager:.3g} of the scale {scale:.3g}"
+        assert vs_ref <= 4e-3, f"{name} T={n}: vs float64 {vs_ref:.3g} of the scale {scale:.3g}"

@@ -31,7 +31,11 @@ def _ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
 
 
 def _with_dtype(spec: M3Spec, dtype: str) -> M3Spec:
-    return M3Spec.model_validate({**spec.model_dump(mode="json"), "dtype": dtype})
+    """The spec with its graphs (and so its eager model) in `dtype`; tolerances re-defaulted for it."""
+    data = spec.model_dump(mode="json")
+    data["export"]["precision"]["dtype"] = dtype
+    data.pop("tolerances")
+    return M3Spec.model_validate(data)
 
 
 @torch.no_grad()

@@ -199,39 +199,26 @@ def test_the_creator_registers_from_the_manifest_record_and_refuses_another_dige
         register_rtx_from_manifest(trt, [{**record, "digest": "0" * 64}])
 
 
-def _fp16_trt_graph(spec: M3Spec, name: str, model: Any, dst: Path) -> Path:
-    """A test-made fp16 TensorRT-flavoured graph of subgraph `name`: the eager stage in fp16 with the
-    router weight and correction bias kept fp32 (the plugin signature), exported with the `trt`
-    lowering, then the TensorRT rewrites. m3export's own fp16 export is issue #14."""
-    import torch
-    import torch.fx.experimental._config as fx_config
+def _fp16_spec(spec: M3Spec) -> M3Spec:
+    data = spec.model_dump(mode="json")
+    data["export"]["precision"]["dtype"] = "float16"
+    data.pop("tolerances")
+    return M3Spec.model_validate(data)
 
-    from m3export.export.onnx_export import export_onnx
+
+def _fp16_trt_graph(spec: M3Spec, name: str, model: Any, dst: Path) -> Path:
+    """Subgraph `name`'s TensorRT-flavoured graph as a float16 build makes it (the fp16 model, the
+    router and correction bias in fp32; the build's `trt` export and rewrites)."""
+    from m3export.build.trt_step import _export_trt_onnx
     from m3export.export.trt.rewrites import apply_trt_rewrites
-    from m3export.ops.lowering import get_lowering
     from m3export.split.inputs import trace_inputs
     from m3export.split.plan import plan_subgraphs
     from m3export.split.subgraphs import build_stage
 
     plan = next(p for p in plan_subgraphs(spec) if p.name == name)
-    stage = build_stage(model, plan).to(torch.float16)
-    for mod_name, mod in stage.named_modules():
-        if mod_name.endswith("block_sparse_moe.gate"):
-            mod.float()
-        if hasattr(mod, "e_score_correction_bias"):
-            mod.e_score_correction_bias.data = mod.e_score_correction_bias.data.float()
-    trace = {k: v.half() if v.is_floating_point() else v for k, v in trace_inputs(spec, plan).items()}
     path = dst / name / f"{name}.trt.onnx"
-    with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
-        export_onnx(
-            stage,
-            trace,
-            path,
-            output_names=plan.output_names,
-            dynamic_axes=plan.dynamic_axes,
-            opset=spec.export.opset,
-            lowering=get_lowering("trt"),
-        )
+    stage = build_stage(model, plan)
+    _export_trt_onnx(stage, plan, spec, trace_inputs(spec, plan), plan.dynamic_axes, path)
     graph = onnx.load(path, load_external_data=False)
     apply_trt_rewrites(graph)
     onnx.save(graph, path)
@@ -255,16 +242,17 @@ def test_fp16_graphs_parse_and_build(tiny_spec: M3Spec, tmp_path: Path) -> None:
     from m3export.spec.models import TrtSpec
     from m3export.split.plan import plan_subgraphs
 
-    model = load_model(tiny_spec)
-    plans = {p.name: p for p in plan_subgraphs(tiny_spec)}
+    spec = _fp16_spec(tiny_spec)
+    model = load_model(spec)
+    plans = {p.name: p for p in plan_subgraphs(spec)}
     for name in FP16_SUBGRAPHS:
-        path = _fp16_trt_graph(tiny_spec, name, model, tmp_path)
+        path = _fp16_trt_graph(spec, name, model, tmp_path)
         inputs = {
             i.name: i.type.tensor_type.elem_type
             for i in onnx.load(path, load_external_data=False).graph.input
         }
         assert onnx.TensorProto.FLOAT16 in inputs.values() and onnx.TensorProto.FLOAT not in inputs.values()
-        shapes = profile_shapes(plans[name], TrtSpec(), tiny_spec)
+        shapes = profile_shapes(plans[name], TrtSpec(), spec)
         eng = build_rtx_engine(
             path, path.with_name(f"{name}.rtx.engine"), shapes, subgraph=name, precision="fp16"
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,7 @@ def _pass(spec: M3Spec, weights: Weights, moe: Any, out: Path, say: Progress) ->
         trace,
         say,
         _subgraph_steps(spec, say),
+        case_streams(spec, plan_subgraphs(spec))[1] if spec.graph_dtype != "float32" else None,
     )
     if bp.prev is not None:
         for plan in plan_subgraphs(spec):
@@ -190,7 +191,9 @@ def _context(
     """The build-scoped steps' view; with the whole model resident when it fits the budget."""
     spec = bp.spec
     names = final_names(spec)
-    base = Context(spec, tuple(plans), bp.eager, bp.ort, exports, complete, bp.ort_broken, None, names, say)
+    base = Context(
+        spec, tuple(plans), bp.eager, bp.ort, exports, complete, bp.ort_broken, None, names, say, bp.ref32
+    )
     need, budget = whole_model_bytes(spec), budget_bytes(spec)
     if not complete or need > budget:
         if complete:
@@ -210,26 +213,29 @@ def _context(
         }
         for s in bp.eager
     }
-    torch_runners = {
-        p.name: TorchRunner(build_stage(model, p), p.input_names, p.output_names, f"torch:{p.name}")
-        for p in plans
-    }
+    torch_runners = {p.name: TorchRunner.for_plan(build_stage(model, p), p) for p in plans}
     run_ort = None
     if base.all_exported:
         ort = {n: OrtRunner(ex.onnx_path) for n, ex in exports.items() if ex.onnx_path is not None}
         run_ort = lambda plan, feed: ort[plan.name].infer(feed)  # noqa: E731
     whole = WholeModel(model, lambda plan, feed: torch_runners[plan.name].infer(feed), run_ort, refs)
-    return Context(spec, tuple(plans), bp.eager, bp.ort, exports, complete, bp.ort_broken, whole, names, say)
+    return replace(base, whole=whole)
 
 
 def _check_precision(spec: M3Spec) -> None:
-    """Refuse, before any work, a graph precision the build cannot make yet: one line, the field."""
-    if spec.dtype != "float32":
+    """Refuse, before any work, a precision the build cannot make and check here: one line, the field."""
+    p = spec.export.precision
+    if p.dtype == "bfloat16":
         raise SpecError(
-            f"dtype {spec.dtype!r}: m3export builds float32 graphs only so far (the eager references, "
-            "the ONNX Runtime and TensorRT graphs; bf16 / fp16 graphs are issue #14); set dtype: float32 "
-            "(a bfloat16 or MXFP8 checkpoint is read and converted tensor by tensor). `m3export plan` "
-            "accepts bfloat16 for its byte counts"
+            "export.precision.dtype 'bfloat16': ONNX Runtime's CPU provider has no bfloat16 kernels "
+            "(MatMul, Add, Mul, Sigmoid, ReduceMean ... all NOT_IMPLEMENTED in onnxruntime 1.32), so a "
+            "bf16 graph can neither run nor be parity-checked here; use float16 (a bfloat16 checkpoint "
+            "is read and converted tensor by tensor) or float32"
+        )
+    if p.experts != "same":
+        raise SpecError(
+            f"export.precision.experts {p.experts!r}: quantised experts (ONNX Runtime QMoE) are not "
+            "built yet; use experts: same"
         )
 
 

@@ -1,6 +1,7 @@
 """One subgraph's pass of a build, with only its own weights resident:
 
-1. materialise the tensors it owns (and the shared ones it uses) from the checkpoint or the seed;
+1. materialise the tensors it owns (and the shared ones it uses) from the checkpoint or the seed (in a
+   reduced-precision build first in fp32, to advance the fp32 reference streams, then cast);
 2. advance every golden case's eager stream through it (its golden feeds: prompt, last decode step,
    video) and compute its content key from those weights;
 3. export the stage wrapper (or reuse the previous build's files when the key is unchanged), check its
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 
 from m3export.artifacts.goldens import write_goldens
 from m3export.artifacts.io import sha256_file
@@ -36,7 +38,7 @@ from m3export.model.factory import Weights
 from m3export.parity.compare import ParityReport
 from m3export.parity.intermediates import capture_intermediates, expose_intermediates
 from m3export.runners.ort_runner import OrtRunner
-from m3export.runners.torch_runner import TorchRunner
+from m3export.runners.torch_runner import TorchRunner, plan_dtypes
 from m3export.spec import M3Spec
 from m3export.split.inputs import decode_case, media_feed, trace_inputs, video_case
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
@@ -108,6 +110,7 @@ class BuildPass:
     trace: dict[str, Any]
     say: Progress
     subgraph_steps: Callable[[SubgraphSessions], list[ParityReport]]
+    ref32: list[CaseStream] | None = None  # a reduced-precision build: the fp32 reference streams
     keys: dict[str, str] = field(default_factory=dict)  # when computed ahead (reuse decisions)
     ort_broken: str | bool = False  # why the ORT streams cannot be trusted (a subgraph failed to run)
 
@@ -173,13 +176,27 @@ def _feeds(streams: list[CaseStream], plan: SubgraphPlan, run: Any, hidden: int)
     return feeds
 
 
+def _materialise(bp: BuildPass, plan: SubgraphPlan, modules: list[str]) -> None:
+    """The subgraph's weights in the graph precision; in a reduced-precision build first in fp32, to
+    advance the fp32 reference streams through it, then cast in place (one tensor at a time)."""
+    if bp.ref32 is None:
+        bp.weights.materialise(modules)
+        return
+    bp.weights.materialise(modules, fp32=True)
+    stage = build_stage(bp.weights.model, plan)
+    fp32 = {n: torch.float32 for n in plan_dtypes(plan)}
+    runner = TorchRunner(stage, plan.input_names, plan.output_names, f"torch-fp32:{plan.name}", fp32)
+    _feeds(bp.ref32, plan, lambda _p, f: runner.infer(f), bp.spec.text.hidden_size)
+    bp.weights.to_graph_dtype(modules)
+
+
 def stream_only(bp: BuildPass, plan: SubgraphPlan) -> None:
     """A subgraph left out of this build (`--only`): its eager outputs still feed the later ones."""
     modules = owned_modules(plan)
-    bp.weights.materialise(modules)
+    _materialise(bp, plan, modules)
     try:
         stage = build_stage(bp.weights.model, plan)
-        runner = TorchRunner(stage, plan.input_names, plan.output_names, f"torch:{plan.name}")
+        runner = TorchRunner.for_plan(stage, plan)
         _feeds(bp.eager, plan, lambda _p, f: runner.infer(f), bp.spec.text.hidden_size)
         bp.ort_broken = bp.ort_broken or f"{plan.name} is not part of this build"
     finally:
@@ -189,10 +206,10 @@ def stream_only(bp: BuildPass, plan: SubgraphPlan) -> None:
 def run_subgraph(bp: BuildPass, plan: SubgraphPlan) -> SubgraphExport:
     """The module docstring's pass for `plan`."""
     modules = owned_modules(plan)
-    bp.weights.materialise(modules)
+    _materialise(bp, plan, modules)
     try:
         stage = build_stage(bp.weights.model, plan)
-        torch_runner = TorchRunner(stage, plan.input_names, plan.output_names, f"torch:{plan.name}")
+        torch_runner = TorchRunner.for_plan(stage, plan)
         feeds = _feeds(bp.eager, plan, lambda _p, f: torch_runner.infer(f), bp.spec.text.hidden_size)
         key = bp.keys.get(plan.name) or subgraph_key(
             bp.spec, plan, bp.weights.model, bp.moe.name, bp.trace, bp.tools

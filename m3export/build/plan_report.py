@@ -33,7 +33,7 @@ class SubgraphFigures:
     modules: list[str]
     shared_uses: list[str]
     parameters: int  # owned + shared used: what the graph holds
-    weight_bytes: int  # of those parameters at the spec dtype (router + bias in fp32)
+    weight_bytes: int  # of those parameters at export.precision.dtype (router + bias in fp32)
     disk_bytes: int  # what this subgraph adds to the artifact directory (owned weights only)
     peak_memory_bytes: int  # its build pass
 
@@ -88,7 +88,7 @@ def plan_figures(spec: M3Spec) -> BuildFigures:
     runs_whole = whole <= budget
     return BuildFigures(
         spec=spec.name,
-        dtype=spec.dtype,
+        dtype=spec.graph_dtype,
         total_parameters=total_parameters(spec),
         weight_bytes=weight_bytes(spec),
         disk_bytes=estimate_artifact_bytes(spec, plans),

@@ -8,7 +8,10 @@
   d  decode      chunked prefill + one-token steps through the KV cache vs the reference, eager
                  stages and (when every subgraph exported) chained ONNX Runtime;
   e  generate    greedy tokens: ONNX Runtime vs eager torch vs transformers, MTP speculative vs
-                 plain; the ONNX Runtime tokens are kept for `check`.
+                 plain; the ONNX Runtime tokens are kept for `check`;
+  f  precision   a reduced-precision build (export.precision.dtype float16): the pipeline, eager in
+                 that precision and chained ONNX Runtime, vs the fp32 eager model on the same weights
+                 (cosine, top-1; absent from a float32 build, which has nothing to compare).
 
 `scope` "subgraph": run in each subgraph's pass while its sessions are open (export_step.py);
 "build": run after every pass, on the streamed outputs. `needs`: "always", "complete" (every
@@ -66,6 +69,7 @@ class Context:
     whole: WholeModel | None
     final_names: list[str]
     say: Progress
+    ref32: Sequence[CaseStream] | None = None  # a reduced-precision build's fp32 reference streams
 
     @property
     def all_exported(self) -> bool:
@@ -227,6 +231,28 @@ def run_generate(ctx: Context, tol: Tolerance) -> StepResult:
     return StepResult(reports, golden)
 
 
+def run_precision(ctx: Context, tol: Tolerance) -> StepResult:
+    """f: a reduced-precision build's pipeline (eager in that precision, and chained ONNX Runtime when
+    every subgraph exported) vs the fp32 eager model on the same weights, every golden case."""
+    assert ctx.ref32 is not None
+    fp32 = {s.case.name: s.outputs(ctx.final_names) for s in ctx.ref32}
+    reports = []
+    for backend, streams in (("torch", ctx.eager), ("ort", ctx.ort if ctx.all_exported else [])):
+        for s in streams:
+            case = labelled(s.case.name, backend)
+            try:
+                got = s.outputs(ctx.final_names)
+                rep = compare_outputs(
+                    "precision", "pipeline", case, got, fp32[s.case.name], tol, kinds_by_name(ctx.final_names)
+                )
+            except Exception as err:
+                rep = ParityReport(
+                    "precision", "pipeline", case, tol.model_dump(mode="json"), (), _describe(err)
+                )
+            reports.append(rep)
+    return StepResult(reports)
+
+
 def _prompt(stream: CaseStream) -> dict[str, np.ndarray]:
     """A golden case's own inputs (ids, positions, pixels): what a prompt hands the chain."""
     return dict(stream.inputs)
@@ -254,6 +280,7 @@ STEPS: tuple[StepDef, ...] = (
     StepDef("end_to_end", "c", "end_to_end", "build", ("all_exported",), run_end_to_end),
     StepDef("decode", "d", "decode", "build", ("complete",), run_decode),
     StepDef("generate", "e", "generate", "build", ("all_exported", "whole_model"), run_generate),
+    StepDef("precision", "f", "precision", "build", ("complete",), run_precision),
 )
 
 
@@ -288,6 +315,8 @@ def run_build_steps(
     reports: list[ParityReport] = []
     tokens: dict[str, dict[str, list[int]]] = {}
     for step in (s for s in STEPS if s.scope == "build"):
+        if getattr(tolerances, step.tolerance) is None:  # `precision` of a float32 build: nothing to compare
+            continue
         reason = next((r for need in step.needs if (r := unmet[need]) is not None), None)
         if reason is not None:
             rep = ParityReport(step.name, "pipeline", "-", {}, skipped=reason)

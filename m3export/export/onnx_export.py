@@ -87,6 +87,7 @@ def export_onnx(
     release_rewriter_state()
     assert program is not None
     _fold_tagged(program.model)
+    _uniform_norm_inputs(program.model)
     _strip_stack_traces(program.model)
 
     out_path = Path(out_path)
@@ -233,6 +234,32 @@ def _strip_stack_traces(model: object) -> None:
     assert isinstance(model, ir.Model)
     for node in model.graph.all_nodes():
         node.metadata_props.pop(STACK_TRACE_KEY, None)
+
+
+def _uniform_norm_inputs(model: object) -> None:
+    """Cast a reduced-precision RMSNormalization input to its scale's dtype.
+
+    onnxscript's RMSNorm fusion folds the model's `x.float()` into `stash_type`, giving
+    RMSNormalization(X float16, scale float32): valid ONNX, but ONNX Runtime 1.32 refuses the mixed
+    types ("Type parameter (T) of Optype (Mul) bound to different types"). The explicit Cast restores
+    what the model computes (the norm in fp32, m3-architecture.md §2.2); the fp16 -> fp32 cast is exact.
+    """
+
+    assert isinstance(model, ir.Model)
+    graph = model.graph
+    for node in list(graph.all_nodes()):
+        if node.op_type != "RMSNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, scale = node.inputs[0], node.inputs[1]
+        if x is None or scale is None or x.dtype is None or scale.dtype is None or x.dtype == scale.dtype:
+            continue
+        cast = ir.node("Cast", [x], attributes={"to": scale.dtype}, name=f"{node.name}_input_cast")
+        cast.outputs[0].name = f"{x.name}_as_{scale.dtype.name.lower()}"
+        cast.outputs[0].dtype = scale.dtype
+        cast.outputs[0].shape = x.shape
+        assert node.graph is not None
+        node.graph.insert_before(node, cast)
+        node.replace_input_with(0, cast.outputs[0])
 
 
 def _fold_tagged(model: object) -> None:

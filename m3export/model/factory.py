@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from m3export.model.text import M3ForCausalLM
@@ -30,6 +31,11 @@ class Weights:
     `materialise(modules)` allocates and fills the meta tensors under those module paths (the stage
     plan's, e.g. `language_model.model.layers.3`); `release(modules)` returns them to the meta device,
     freeing their memory. Never more than what is materialised is resident.
+
+    Tensors are filled in fp32 (random weights rounded to the storage `dtype`), then cast to the graph
+    precision (export.precision.dtype, the fp32-kept router and bias excepted: model/moe.py); with
+    `fp32=True` they stay fp32 (the reference a reduced-precision build is compared against) until
+    `to_graph_dtype` casts them in place, one tensor at a time.
     """
 
     def __init__(self, spec: M3Spec) -> None:
@@ -42,16 +48,28 @@ class Weights:
             CheckpointSource(self.model, spec.weights.checkpoint) if spec.weights.checkpoint else None
         )
 
-    def materialise(self, modules: Sequence[str]) -> None:
+    def materialise(self, modules: Sequence[str], fp32: bool = False) -> None:
         todo = [m for m in dict.fromkeys(modules) if _is_meta(self.model.get_submodule(m))]
         if not todo:
             return
         for m in todo:
-            self.model.get_submodule(m).to_empty(device="cpu")
+            self.model.get_submodule(m).to_empty(device="cpu").float()
         if self.checkpoint is not None:
             self.checkpoint.fill(todo)
         else:
+            from m3export.model.init import round_to_storage
+
             self._init(todo)
+            for m in todo:
+                round_to_storage(self.model.get_submodule(m), self.spec)
+        if not fp32:
+            self.to_graph_dtype(todo)
+
+    def to_graph_dtype(self, modules: Sequence[str]) -> None:
+        """Cast materialised modules to the graph precision (a no-op for a float32 build)."""
+        dtype = getattr(torch, self.spec.graph_dtype)
+        for m in dict.fromkeys(modules):
+            self.model.get_submodule(m).to(dtype)
 
     def release(self, modules: Sequence[str]) -> None:
         for m in dict.fromkeys(modules):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,21 @@ def _fill(t: Tensor, seed: int, name: str, std: float, trunc: float | None = Non
 def correction_bias_std(hidden: int) -> float:
     """Spread of the router's sigmoid scores at init: sigmoid'(0) · 0.02 · sqrt(H) (unit-RMS inputs)."""
     return 0.25 * LINEAR_STD * math.sqrt(hidden)
+
+
+def round_to_storage(module: nn.Module, spec: Any) -> None:
+    """Random weights rounded to the storage dtype (`spec.dtype`), as a checkpoint of that dtype would
+    hold them, kept in fp32; the router and its correction bias stay unrounded (model/moe.py)."""
+    if spec.dtype != "float32":
+        module.to(getattr(torch, spec.dtype)).float()
+
+
+def to_spec_dtypes(model: nn.Module, spec: Any, random: bool) -> None:
+    """The model in the graph precision (export.precision.dtype), random weights first rounded to
+    the storage dtype; the router and its correction bias stay fp32 (model/moe.py)."""
+    if random:
+        round_to_storage(model, spec)
+    model.to(getattr(torch, spec.graph_dtype))
 
 
 @torch.no_grad()

@@ -92,10 +92,14 @@ class SparseMoeBlock(nn.Module):
         # Keep the selection-sensitive router weight and correction bias in fp32 through any
         # `.to(dtype)` / `.bfloat16()` of the model (§2.6-2.7: routing runs in fp32; Megatron and
         # the BF16 release keep the router in fp32).
+        # A dtype cast leaves them untouched (their fp32 values exact, not rounded through the new dtype);
+        # device moves (meta, to_empty) apply as usual.
+        kept = [(t, t.data) for t in (self.gate.weight, self.e_score_correction_bias)]
         super()._apply(fn, recurse)
-        for t in (self.gate.weight, self.e_score_correction_bias):
+        for (_, before), t in zip(kept, (self.gate.weight, self.e_score_correction_bias), strict=True):
             if t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
+                same_place = before.dtype == torch.float32 and before.device == t.device
+                t.data = before if same_place and not before.is_meta else t.data.float()
         return self
 
     def forward(self, x: Tensor) -> Tensor:

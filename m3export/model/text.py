@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from m3export.model.attention import KVCache, M3Attention, causal_keep
 from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
-from m3export.model.init import init_weights
+from m3export.model.init import init_weights, to_spec_dtypes
 from m3export.model.moe import SparseMoeBlock, SwiGLUMLP, build_moe_config
 from m3export.model.mtp import MTP, MTPDepth, mtp_forward, shift_left
 from m3export.model.norm import GemmaRMSNorm
@@ -199,7 +199,8 @@ class M3ForCausalLM(nn.Module):
             if seed is None:
                 seed = spec.weights.random.seed if spec.weights.random is not None else 0
             init_weights(model, seed)
-        return model.to(getattr(torch, spec.dtype)).eval()
+        to_spec_dtypes(model, spec, random=device.type != "meta")
+        return model.eval()
 
     @classmethod
     def from_pretrained(

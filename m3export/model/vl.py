@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from m3export.errors import InputError, SpecError
 from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
-from m3export.model.init import init_weights
+from m3export.model.init import init_weights, to_spec_dtypes
 from m3export.model.splice import count_placeholders, splice_features
 from m3export.model.text import M3CausalLMOutput, M3ForCausalLM
 from m3export.model.vision import M3VisionTower
@@ -94,7 +94,8 @@ class M3ForConditionalGeneration(nn.Module):
                 seed = spec.weights.random.seed if spec.weights.random is not None else 0
             init_weights(model.language_model, seed)
             init_vision_weights(model, seed, cls.VISION_ROOTS)
-        return model.to(getattr(torch, spec.dtype)).eval()
+        to_spec_dtypes(model, spec, random=device.type != "meta")
+        return model.eval()
 
     @classmethod
     def from_pretrained(

@@ -61,7 +61,10 @@ def hf_greedy(
 
             path = save_checkpoint(model, spec, tmp)
         hf, info = cls.from_pretrained(  # type: ignore[misc]
-            path, attn_implementation="eager", dtype=getattr(torch, spec.dtype), output_loading_info=True
+            path,
+            attn_implementation="eager",
+            dtype=getattr(torch, spec.graph_dtype),
+            output_loading_info=True,
         )
         if info["missing_keys"] or info["mismatched_keys"]:  # a partly random oracle proves nothing
             raise RuntimeError(f"transformers did not load every weight: {info}")

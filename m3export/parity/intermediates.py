@@ -37,6 +37,7 @@ from m3export.parity.compare import (
     describe_bound,
 )
 from m3export.runners.ort_runner import OrtRunner
+from m3export.runners.torch_runner import plan_dtypes, to_tensor
 from m3export.spec.models import Tolerance
 
 PREFIX = "debug."
@@ -359,9 +360,11 @@ def capture_intermediates(
             handles.append(sub.register_forward_hook(output_hook(debug_name(layer, part))))
             if qualname(type(sub)) == MOE_CLASS:
                 handles.append(sub.register_forward_pre_hook(routing_hook(debug_name(layer, "experts"))))
+    plan = getattr(stage, "plan", None)
+    dtypes = plan_dtypes(plan) if plan is not None else {}
     try:
         with torch.no_grad():
-            _call(stage, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}, input_names)
+            _call(stage, {k: to_tensor(v, dtypes.get(k)) for k, v in feed.items()}, input_names)
     finally:
         for h in handles:
             h.remove()

@@ -20,6 +20,8 @@ class OrtRunner:
     """Runs one ONNX model with onnxruntime: a file, or serialized bytes whose external data lives in
     `external_data_dir` (e.g. an in-memory parity copy of a built graph)."""
 
+    _half: set[str] | None = None  # the float16 inputs, found on first use
+
     def __init__(
         self,
         onnx_path: Path | bytes,
@@ -87,8 +89,17 @@ class OrtRunner:
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise ValueError(f"{self.name}: missing inputs {missing}")
-        outs = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
-        return dict(zip(self.output_names, outs, strict=True))
+        outs = self.session.run(self.output_names, {n: self._cast(n, feed[n]) for n in self.input_names})
+        return {
+            n: o.astype(np.float32) if o.dtype == np.float16 else o
+            for n, o in zip(self.output_names, outs, strict=True)
+        }
+
+    def _cast(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A float32 array for a float16 input is cast (the chain's arrays are float32; torch_runner.py)."""
+        if self._half is None:
+            self._half = {i.name for i in self.session.get_inputs() if i.type == "tensor(float16)"}
+        return value.astype(np.float16) if name in self._half and value.dtype == np.float32 else value
 
 
 def _no_private_weights(opts: Any) -> None:

@@ -75,12 +75,7 @@ def _open_ort(subs: Sequence[SubgraphSource], info: BuildInfo) -> dict[str, Runn
 def _open_torch(subs: Sequence[SubgraphSource], info: BuildInfo) -> dict[str, Runner]:
 
     model = load_model(info.spec).eval()
-    return {
-        s.name: TorchRunner(
-            build_stage(model, s.plan), s.plan.input_names, s.plan.output_names, f"torch:{s.name}"
-        )
-        for s in subs
-    }
+    return {s.name: TorchRunner.for_plan(build_stage(model, s.plan), s.plan) for s in subs}
 
 
 def _open_trt(subs: Sequence[SubgraphSource], info: BuildInfo) -> dict[str, Runner]:

@@ -12,7 +12,8 @@ backend (a failure is exit 1):
                 from the case's stored inputs; every subgraph's outputs vs its golden outputs;
 - `generate`:   greedy (and MTP speculative) decoding of the golden prompts vs the build's tokens.
 
-`split` needs the eager PyTorch model; it is listed as not re-run, never counted as passed. A check
+`split` needs the eager PyTorch model and `precision` (a reduced-precision build) the fp32 one; they
+are listed as not re-run, never counted as passed. A check
 that compared nothing has not passed.
 """
 
@@ -301,6 +302,8 @@ def run_parity(
     case and greedy `generate` on the golden prompts (see the module docstring)."""
     tols = arts.spec.tolerances
     skipped = ["split (needs the eager PyTorch model; the build ran it)"]
+    if tols.precision is not None:
+        skipped.append("precision (needs the fp32 eager model; the build ran it)")
     runners = {s.name: make_runner(s) for s in arts.subgraphs}
     entries: list[CheckEntry] = _build_verdict(arts)
     for sub in arts.subgraphs:

@@ -132,7 +132,12 @@ def prepare_inputs(
             continue
         assert spec.vision is not None
         vi = build_vision_inputs(px.grid_thw, spec.vision, num_patches=px.pixel_values.shape[0])
-        values = (px.pixel_values.to(getattr(torch, spec.dtype)), vi.rope_cos, vi.rope_sin, vi.segment_ids)
+        values = (
+            px.pixel_values.to(getattr(torch, spec.graph_dtype)),
+            vi.rope_cos,
+            vi.rope_sin,
+            vi.segment_ids,
+        )
         inp.update(zip(names, values, strict=True))
     if not prompt.ids:
         raise InputError("--input-ids is empty")

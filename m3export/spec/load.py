@@ -372,5 +372,8 @@ def to_hf_config(spec: M3Spec) -> dict[str, Any]:
 
 
 def spec_yaml(spec: M3Spec) -> str:
-    """The canonical YAML text of a spec (what `spec from-hf` prints)."""
-    return yaml.safe_dump(dump_spec(spec), sort_keys=False, default_flow_style=None, width=110)
+    """The canonical YAML text of a spec (what `spec from-hf` prints); a step without a tolerance
+    (`precision` of a float32 spec) is left out rather than written as null."""
+    data = dump_spec(spec)
+    data["tolerances"] = {k: v for k, v in data["tolerances"].items() if v is not None}
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)

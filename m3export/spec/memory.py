@@ -49,7 +49,7 @@ def activation_bytes(spec: M3Spec, seq: int, batch: int = 1, past: int = 0) -> i
     K/V), the MoE of one layer, the residual stream and the logits (eager and runtime copies)."""
     t = spec.text
     keys = past + seq
-    b = DTYPE_BYTES[spec.dtype]
+    b = DTYPE_BYTES[spec.graph_dtype]
     heads, groups = t.num_attention_heads, t.num_key_value_heads
     attention = (
         batch * seq * keys * (heads * (4 + 1) + groups * 8) + batch * heads * keys * t.head_dim * 2 * b
@@ -68,7 +68,7 @@ def cache_bytes(spec: M3Spec, length: int, batch: int = 1) -> int:
     if t.sparse_attention_config is not None:
         per += t.sparse_attention_config.sparse_index_dim
     layers = t.num_hidden_layers + t.num_mtp_modules
-    return batch * length * per * layers * DTYPE_BYTES[spec.dtype]
+    return batch * length * per * layers * DTYPE_BYTES[spec.graph_dtype]
 
 
 def resident_memory_bytes(spec: M3Spec, seq: int, batch: int = 1) -> int:

@@ -271,6 +271,11 @@ class TolerancesSpec(_Strict):
     generate: Tolerance = Field(
         description="greedy token ids: ORT vs eager torch vs transformers, MTP speculative vs plain"
     )
+    precision: Tolerance | None = Field(
+        None,
+        description="graphs in a reduced export.precision.dtype (chained ORT, and the eager model in "
+        "that dtype) vs the fp32 eager model on the same weights; needed when the dtype is not float32",
+    )
 
 
 class PipelineSpec(_Strict):
@@ -358,6 +363,33 @@ class TrtSpec(_Strict):
 
 TRT_TARGETS = ("trt", "trt_rtx")
 
+GraphDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class PrecisionSpec(_Strict):
+    """The precision of the exported graphs and of their eager references, separate from the weights'
+    storage dtype (`dtype`, what the checkpoint holds). Whatever `dtype` says, these stay in fp32 as
+    M3's reference keeps them (m3-architecture.md §2.7, §7): the router weight and its sigmoid, the
+    `e_score_correction_bias` (expert selection flips under low-precision scores), the RMSNorm and
+    SwiGLU-OAI arithmetic (computed in fp32 and cast back; their weights are in `dtype`), RoPE's cos/sin,
+    the MSA indexer scores (hard top-k block choices) and the attention softmax. A build in a reduced
+    precision gates each graph against the eager model in the same precision (tight) and the whole
+    pipeline against the fp32 eager model on the same weights (step `precision`: cosine, top-1)."""
+
+    dtype: GraphDtype = Field("float32", description="graph activations and weights")
+    experts: Literal["same", "int8", "int4"] = Field(
+        "same", description="routed-expert weights: same as dtype, or weight-only int8 / int4"
+    )
+    block_size: int = Field(
+        32, ge=16, le=256, description="quantisation block along the input dimension (int8 / int4)"
+    )
+
+    @model_validator(mode="after")
+    def _block(self) -> PrecisionSpec:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"export.precision.block_size must be a power of two, got {self.block_size}")
+        return self
+
 
 class ExportSpec(_Strict):
     targets: list[Literal["onnx", "trt", "trt_rtx"]] = ["onnx"]
@@ -365,6 +397,7 @@ class ExportSpec(_Strict):
         "ort", description="MoE lowering of the ONNX Runtime graphs: ort, portable, or a registered one"
     )
     opset: int = Field(23, ge=18, le=23)
+    precision: PrecisionSpec = PrecisionSpec()
     trt: TrtSpec | None = Field(None, description="TensorRT settings; defaults when 'trt' is a target")
 
     @model_validator(mode="before")
@@ -408,7 +441,11 @@ class M3Spec(_Strict):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100, description="used for artifacts/<name>/"
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the weights' storage dtype (a checkpoint's torch_dtype; random weights are rounded "
+        "to it). The graphs' precision is export.precision.dtype",
+    )
     text: TextSpec
     vision: VisionSpec | None = None
     multimodal: MultimodalSpec | None = None
@@ -427,12 +464,19 @@ class M3Spec(_Strict):
         given = data.get("tolerances")
         if given is not None and not isinstance(given, dict):
             return data  # let validation name the bad value
-        dtype = data.get("dtype", "float32")
+        export = data.get("export")
+        precision = export.get("precision") if isinstance(export, dict) else None
+        dtype = precision.get("dtype", "float32") if isinstance(precision, dict) else "float32"
         defaults = default_tolerances(dtype if isinstance(dtype, str) else "float32")
         return {**data, "tolerances": {**defaults, **(given or {})}}
 
     @model_validator(mode="after")
     def _check(self) -> M3Spec:
+        if self.graph_dtype != "float32" and self.tolerances.precision is None:
+            raise ValueError(
+                f"tolerances.precision is required with export.precision.dtype {self.graph_dtype!r}: "
+                "the bounds of the reduced-precision pipeline against the fp32 model"
+            )
         if (self.vision is None) != (self.multimodal is None):
             raise ValueError("vision and multimodal must be given together (a VL model) or both omitted")
         if self.multimodal is not None:
@@ -467,3 +511,8 @@ class M3Spec(_Strict):
     @property
     def is_vl(self) -> bool:
         return self.vision is not None
+
+    @property
+    def graph_dtype(self) -> GraphDtype:
+        """The dtype the eager model, the graphs and their activations are in (export.precision.dtype)."""
+        return self.export.precision.dtype

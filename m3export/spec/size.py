@@ -91,4 +91,4 @@ def weight_bytes(spec: M3Spec, modules: Sequence[str] | None = None) -> int:
     """Bytes of the named modules' weights at the spec dtype (all modules when None)."""
     sizes = module_sizes(spec)
     names = sizes if modules is None else modules
-    return sum(sizes[m].nbytes(spec.dtype) for m in names)
+    return sum(sizes[m].nbytes(spec.graph_dtype) for m in names)

@@ -109,7 +109,7 @@ def case_inputs(spec: M3Spec, case: GoldenCase, seed: int) -> dict[str, Tensor]:
         if order != list(range(len(case.grids))):
             vi = build_vision_inputs([case.grids[i] for i in order], spec.vision)
         out["pixel_values"] = torch.randn(vi.num_patches, spec.vision.patch_dim, generator=g).to(
-            getattr(torch, spec.dtype)
+            getattr(torch, spec.graph_dtype)
         )
         out["vision_cos"], out["vision_sin"] = vi.rope_cos, vi.rope_sin
         out["vision_segment_ids"] = vi.segment_ids
@@ -123,7 +123,7 @@ def case_inputs(spec: M3Spec, case: GoldenCase, seed: int) -> dict[str, Tensor]:
                 )
             ids[0, cursor[0] : cursor[0] + n] = spec.multimodal.video_token_index
             out["pixel_values_videos"] = torch.randn(vv.num_patches, spec.vision.patch_dim, generator=g).to(
-                getattr(torch, spec.dtype)
+                getattr(torch, spec.graph_dtype)
             )
             out["video_cos"], out["video_sin"] = vv.rope_cos, vv.rope_sin
             out["video_segment_ids"] = vv.segment_ids
@@ -152,7 +152,7 @@ def trace_inputs(spec: M3Spec, plan: SubgraphPlan) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(7)
     case = GoldenCase("trace", TRACE_BATCH, TRACE_SEQ, TRACE_GRIDS if spec.is_vl else (), TRACE_VIDEO)
     base = case_inputs(spec, case, seed=7)
-    act = getattr(torch, spec.dtype)
+    act = getattr(torch, spec.graph_dtype)
     n_img = (
         sum(t * h * w for t, h, w in TRACE_GRIDS) // (spec.vision.spatial_merge_size**2) if spec.vision else 0
     )

@@ -44,7 +44,7 @@ class TensorSig:
     """A named graph input or output. Symbolic dims are strings (`batch`, `seq`, ...)."""
 
     name: str
-    dtype: Literal["int64", "float32", "bfloat16"]
+    dtype: Literal["int64", "float32", "bfloat16", "float16"]
     dims: tuple[Dim, ...]
 
     def to_json(self) -> dict[str, object]:
@@ -137,7 +137,7 @@ def boundary_sig(spec: M3Spec, layer: int) -> TensorSig:
     """`hidden_states.{layer}` [batch, seq, hidden]: output of the stage ending before `layer`, input of
     the stage starting at it. One name per boundary, so a middle stage's input and output never clash
     (an ONNX graph cannot hold two values of one name; the exporter would rename the output)."""
-    return TensorSig(boundary_name(layer), spec.dtype, ("batch", "seq", spec.text.hidden_size))
+    return TensorSig(boundary_name(layer), spec.graph_dtype, ("batch", "seq", spec.text.hidden_size))
 
 
 def cache_sigs(spec: M3Spec, layer: str, sparse: bool) -> tuple[list[TensorSig], list[TensorSig]]:
@@ -153,7 +153,7 @@ def cache_sigs(spec: M3Spec, layer: str, sparse: bool) -> tuple[list[TensorSig],
 
     def sig(prefix: str, name: str, dims: tuple[int, ...], length: str) -> TensorSig:
         lead: tuple[Dim, ...] = ("batch", dims[0], length) if len(dims) == 2 else ("batch", length)
-        return TensorSig(f"{prefix}.{layer}.{name}", spec.dtype, (*lead, dims[-1]))
+        return TensorSig(f"{prefix}.{layer}.{name}", spec.graph_dtype, (*lead, dims[-1]))
 
     return (
         [sig("past", n, d, "past_seq") for n, d in parts],
@@ -185,7 +185,7 @@ def _ids(name: str) -> TensorSig:
 def _vision_plan(spec: M3Spec) -> SubgraphPlan:
     """pixel patches + host-computed RoPE cos/sin and segment ids -> merged features (§4)."""
     assert spec.vision is not None
-    v, act = spec.vision, spec.dtype
+    v, act = spec.vision, spec.graph_dtype
     rot = 3 * (2 * ((v.head_dim // 3) // 2))  # 3 axes x axis_dim/2 freqs, NeoX-duplicated (§4.3)
     return SubgraphPlan(
         name="vision",
@@ -204,7 +204,7 @@ def _vision_plan(spec: M3Spec) -> SubgraphPlan:
 def _text_plan(spec: M3Spec, i: int, start: int, end: int, *, last: bool) -> SubgraphPlan:
     """Text stage i over layers [start, end): stage 0 embeds (and splices the vision features), the
     last one adds norm + lm_head; every stage takes and returns its layers' KV caches (§2.3, §5)."""
-    t, act, root = spec.text, spec.dtype, _root(spec)
+    t, act, root = spec.text, spec.graph_dtype, _root(spec)
     modules: list[str] = []
     inputs: list[TensorSig] = []
     if i == 0:
@@ -243,7 +243,7 @@ def _mtp_plan(spec: M3Spec, last_stage: str) -> SubgraphPlan:
     """The MTP depths with their caches; they use the embedding of text_0 and the last stage's lm_head.
     mtp_input_ids[:, i] is the token after position i (input_ids shifted left by one, §3.2); the caller
     supplies it so that decoding can give the real next token at the last position."""
-    t, act, root = spec.text, spec.dtype, _root(spec)
+    t, act, root = spec.text, spec.graph_dtype, _root(spec)
     mtp_in = [
         TensorSig("final_hidden_states", act, ("batch", "seq", t.hidden_size)),
         _ids("mtp_input_ids"),

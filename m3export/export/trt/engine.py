@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 Shape = tuple[int, ...]
 ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
-PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def tensorrt_unavailable() -> str | None:
@@ -42,16 +42,17 @@ def tensorrt_unavailable() -> str | None:
 
 
 def resolve_precision(spec: M3Spec) -> str:
-    """The engine precision: `export.trt.precision`, which must be the spec dtype's (strong typing)."""
+    """The engine precision: `export.trt.precision`, which must be export.precision.dtype's (strong typing)."""
     trt = spec.export.trt
-    implied = PRECISION_OF_DTYPE[spec.dtype]
+    implied = PRECISION_OF_DTYPE[spec.graph_dtype]
     if trt is None or trt.precision is None:
         return implied
     if trt.precision != implied:
         raise SpecError(
-            f"export.trt.precision {trt.precision!r} does not match dtype {spec.dtype!r}: TensorRT networks "
-            "are strongly typed, so an engine computes in the exported graph's dtype; accepted value: "
-            f"{implied!r} (or omit it). An fp16 engine needs an fp16 export, which m3export does not produce."
+            f"export.trt.precision {trt.precision!r} does not match export.precision.dtype "
+            f"{spec.graph_dtype!r}: TensorRT networks are strongly typed, so an engine computes in the "
+            f"exported graph's dtype; accepted value: {implied!r} (or omit it), or set "
+            "export.precision.dtype to the engine's"
         )
     return implied
 
