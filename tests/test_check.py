@@ -24,7 +24,7 @@ from m3export.parity.compare import ParityReport, compare_outputs
 from m3export.parity.report import CheckEntry, LayerError, markdown
 from m3export.runners.ort_runner import OrtRunner
 from m3export.runtime.check import check_artifacts, run_parity, write_reports
-from m3export.spec.models import Tolerance
+from m3export.spec.base import Tolerance
 
 
 @pytest.fixture(scope="module")

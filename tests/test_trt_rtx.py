@@ -239,7 +239,7 @@ def test_fp16_graphs_parse_and_build(tiny_spec: M3Spec, tmp_path: Path) -> None:
     build, so another worker can run it meanwhile."""
     from m3export.export.trt.engine import profile_shapes
     from m3export.model.factory import load_model
-    from m3export.spec.models import TrtSpec
+    from m3export.spec.export import TrtSpec
     from m3export.split.plan import plan_subgraphs
 
     spec = _fp16_spec(tiny_spec)
@@ -305,7 +305,7 @@ def test_without_the_wheels_the_rtx_engine_is_skip_with_an_install_hint(
     the pinned install command, status `skipped` (not pass, not fail), no engine file."""
     from m3export.build.trt_result import TrtResult
     from m3export.build.trt_step import _rtx_engine_step
-    from m3export.spec.models import TrtSpec
+    from m3export.spec.export import TrtSpec
     from m3export.split.plan import plan_subgraphs
 
     monkeypatch.setattr(rtx, "RTX_MODULE", "tensorrt_rtx_bindings_not_installed")

@@ -36,7 +36,7 @@ from m3export.parity.compare import ParityReport, compare_outputs, kinds_by_name
 from m3export.parity.intermediates import localise, routing_report
 from m3export.runners.decode import generate_tokens
 from m3export.spec import M3Spec
-from m3export.spec.models import Tolerance
+from m3export.spec.base import Tolerance
 from m3export.split.inputs import labelled
 from m3export.split.plan import SubgraphPlan
 

@@ -46,13 +46,15 @@ from m3export.ops.trt_plugin import plugin_record
 from m3export.parity.compare import ParityReport, compare_outputs, kinds_by_name
 from m3export.runners.ort_runner import OrtRunner
 from m3export.runners.trt_runner import TrtRunner
-from m3export.spec.models import TrtSpec
+from m3export.spec.export import TrtSpec
 from m3export.split.inputs import trace_inputs
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from m3export.spec.models import M3Spec, Tolerance, TrtSpec
+    from m3export.spec.base import Tolerance
+    from m3export.spec.export import TrtSpec
+    from m3export.spec.models import M3Spec
     from m3export.split.plan import SubgraphPlan
 
 

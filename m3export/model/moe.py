@@ -94,9 +94,9 @@ class SparseMoeBlock(nn.Module):
         # the BF16 release keep the router in fp32).
         # A dtype cast leaves them untouched (their fp32 values exact, not rounded through the new dtype);
         # device moves (meta, to_empty) apply as usual.
-        kept = [(t, t.data) for t in (self.gate.weight, self.e_score_correction_bias)]
+        before_all = [self.gate.weight.data, self.e_score_correction_bias.data]
         super()._apply(fn, recurse)
-        for (_, before), t in zip(kept, (self.gate.weight, self.e_score_correction_bias), strict=True):
+        for before, t in zip(before_all, (self.gate.weight, self.e_score_correction_bias), strict=True):
             if t.is_floating_point() and t.dtype != torch.float32:
                 same_place = before.dtype == torch.float32 and before.device == t.device
                 t.data = before if same_place and not before.is_meta else t.data.float()

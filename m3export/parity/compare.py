@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from m3export.spec.models import Tolerance
+from m3export.spec.base import Tolerance
 
 Kind = Literal["tensor", "logits", "routing"]
 

@@ -38,7 +38,7 @@ from m3export.parity.compare import (
 )
 from m3export.runners.ort_runner import OrtRunner
 from m3export.runners.torch_runner import plan_dtypes, to_tensor
-from m3export.spec.models import Tolerance
+from m3export.spec.base import Tolerance
 
 PREFIX = "debug."
 

@@ -39,7 +39,7 @@ from m3export.runners.base import Runner
 from m3export.runners.chain import VIDEO_INPUTS, run_chain
 from m3export.runners.decode import generate_tokens
 from m3export.runners.registry import get_backend, open_runners
-from m3export.spec.models import Tolerance
+from m3export.spec.base import Tolerance
 from m3export.split.inputs import VIDEO_SUFFIX, video_case
 
 BACKENDS: tuple[str, ...] = ("ort", "trt")

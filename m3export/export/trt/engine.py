@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from m3export.errors import SpecError
 
 if TYPE_CHECKING:
-    from m3export.spec.models import M3Spec, TrtSpec
+    from m3export.spec.export import TrtSpec
+    from m3export.spec.models import M3Spec
     from m3export.split.plan import SubgraphPlan
 
 Shape = tuple[int, ...]

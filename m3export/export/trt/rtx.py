@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from m3export.export.trt.engine import mark_attention_decomposable
-from m3export.spec.models import RTX_DEFAULT_CAPABILITIES
+from m3export.spec.export import RTX_DEFAULT_CAPABILITIES
 
 RTX_MODULE = "tensorrt_rtx_bindings"
 RTX_VERSION = "1.7.1.116"  # the pinned wheels (pyproject `trt-rtx` extra, make setup)
