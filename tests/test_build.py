@@ -111,24 +111,35 @@ def test_unknown_subgraph_is_a_user_error(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "starts"),
+    ("precision", "export", "starts"),
     [
-        ("dtype", "bfloat16", "error: export.precision.dtype 'bfloat16': ONNX Runtime's CPU provider"),
-        ("experts", "int4", "error: export.precision.experts 'int4':"),
+        ({"dtype": "bfloat16"}, {}, "error: export.precision.dtype 'bfloat16': ONNX Runtime's CPU provider"),
+        (
+            {"experts": "int4"},
+            {"moe": "portable"},
+            "error: export.precision.experts 'int4': the 'portable' MoE lowering has no quantised form",
+        ),
+        (
+            {"experts": "int8"},
+            {"targets": ["onnx", "trt_rtx"]},
+            "error: export.precision.experts 'int8': the TensorRT MoE plugin takes unquantised",
+        ),
     ],
 )
 def test_a_precision_the_build_cannot_make_is_refused_in_one_line(
     tmp_path: Path,
     tiny_spec: M3Spec,
     capsys: pytest.CaptureFixture[str],
-    field: str,
-    value: str,
+    precision: dict[str, str],
+    export: dict[str, object],
     starts: str,
 ) -> None:
     """bf16 graphs used to crash with a traceback in the eager reference (issue #14); ONNX Runtime's CPU
-    provider has no bf16 kernels, so the build refuses them before any work, naming the field."""
+    provider has no bf16 kernels, so the build refuses them before any work, naming the field; so are
+    quantised experts with a lowering or target that has no quantised form."""
     data = tiny_spec.model_dump(mode="json")
-    data["export"]["precision"][field] = value
+    data["export"]["precision"].update(precision)
+    data["export"].update(export)
     data.pop("tolerances")
     spec_file = tmp_path / "reduced.yaml"
     spec_file.write_text(json.dumps(data))

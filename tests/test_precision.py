@@ -124,3 +124,100 @@ def test_storage_dtype_rounds_random_weights_and_keeps_the_router_fp32(tiny_text
     assert torch.equal(w, fp32.model.layers["1"].self_attn.q_proj.weight.bfloat16().float())
     gate = bf16_stored.model.layers["1"].block_sparse_moe.gate.weight
     assert torch.equal(gate, fp32.model.layers["1"].block_sparse_moe.gate.weight)
+
+
+def _build_cli(
+    tmp_path: Path, data: dict[str, Any], capsys: pytest.CaptureFixture[str], *extra: str
+) -> tuple:  # type: ignore[type-arg]
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    return (out, *run_cli(["build", str(spec_file), "--out", str(out), *extra], capsys))
+
+
+def _reports(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return manifest["parity"] + [r for s in manifest["subgraphs"].values() for r in s["parity"]]
+
+
+@pytest.mark.parametrize(("dtype", "experts", "vl"), [("float16", "int4", True), ("float32", "int8", False)])
+def test_quantised_experts_build_passes_and_gates_the_quantisation_against_fp32(
+    tmp_path: Path,
+    tiny_spec: M3Spec,
+    tiny_text_spec: M3Spec,
+    capsys: pytest.CaptureFixture[str],
+    dtype: str,
+    experts: str,
+    vl: bool,
+) -> None:
+    """int4 experts on float16 graphs of VL m3-tiny (what a deployment ships) and int8 on float32 graphs
+    of text-only m3-tiny: every MoE layer is one QMoE node, the graphs match the eager model on the
+    dequantised weights (every step, default tolerances), and step `precision` shows what the
+    quantisation does against the fp32 model."""
+    base = tiny_spec if vl else tiny_text_spec
+    data = _with_precision(base, dtype=dtype, experts=experts)
+    spec = M3Spec.model_validate(data)
+    out, code, stdout, stderr = _build_cli(tmp_path, data, capsys)
+    assert code == 0, stdout[-4000:] + stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    reports = _reports(manifest)
+    assert manifest["status"] == "pass" and all(r["passed"] for r in reports)
+    assert not [r for r in reports if r["skipped"]]
+    moe_layers = {"vision": 0, "text_0": 1, "text_1": 2, "mtp": 1}  # m3-tiny: layer 0 dense, 1-3 MoE
+    assert sorted(manifest["subgraphs"]) == sorted(n for n in moe_layers if vl or n != "vision")
+    for name, sub in manifest["subgraphs"].items():
+        counts = {k: v for k, v in sub["node_counts"].items() if "::" in k}
+        assert counts == ({"com.microsoft::QMoE": moe_layers[name]} if moe_layers[name] else {}), name
+    # The weights on disk are the plan's: experts at bits/8 bytes plus a scale per block.
+    on_disk = sum(f.stat().st_size for f in (out / "onnx").rglob("*.data"))
+    planned = plan_figures(spec).subgraphs
+    assert 0.97 * sum(s.disk_bytes for s in planned) <= on_disk <= 1.03 * sum(s.disk_bytes for s in planned)
+    same = plan_figures(M3Spec.model_validate(_with_precision(base, dtype=dtype)))
+    assert on_disk < 0.9 * sum(s.disk_bytes for s in same.subgraphs)
+    # The lowering is exact against the dequantised eager model; the quantisation shows against fp32.
+    onnx_steps = [o for r in reports if r["step"] == "onnx" for o in r["outputs"]]
+    bound = 1e-5 if dtype == "float32" else 0.1
+    assert max(o["max_abs_scaled"] for o in onnx_steps) <= bound
+    logits = [o for r in reports if r["step"] == "precision" for o in r["outputs"] if o["name"] == "logits"]
+    assert len(logits) == 2 * len(golden_cases(spec))
+    assert min(o["cosine"] for o in logits) >= 0.999
+    # Not identical values: the quantisation shows, far above the lowering's own error (~1e-6 in fp32).
+    assert max(o["max_abs_scaled"] for o in logits) > 1e-4
+    if experts == "int4":
+        code, stdout, stderr = run_cli(["check", str(out)], capsys)
+        assert code == 0, stdout[-4000:] + stderr[-2000:]
+
+
+def test_planted_scale_layout_bug_fails_the_quantised_build_naming_the_subgraph(
+    tmp_path: Path,
+    tiny_text_spec: M3Spec,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The QMoE scales laid out [E, K/block, N] where the op reads [E, N, K/block]: ONNX Runtime runs
+    the graph without an error; the build's parity fails in the subgraph and publishes nothing at OUT."""
+    import dataclasses
+
+    from m3export.ops import lowering as lowering_registry
+    from m3export.ops.lowering_ort import ORT_LOWERING, make_ort_lowering
+
+    def planted(bits: int, block: int) -> Any:
+        return dataclasses.replace(make_ort_lowering(quant=(bits, block), scales_n_major=False), name="ort")
+
+    monkeypatch.setitem(
+        lowering_registry._REGISTERED, "ort", dataclasses.replace(ORT_LOWERING, quantised=planted)
+    )
+    data = _with_precision(tiny_text_spec, experts="int4", block_size=16)
+    out, code, stdout, stderr = _build_cli(tmp_path, data, capsys, "--only", "text_1")
+    assert code == 1, stdout[-4000:] + stderr[-2000:]
+    assert "parity FAILED in text_1" in stderr
+    assert not out.exists() or not list(out.iterdir())
+    failed = json.loads((tmp_path / "out.failed" / "manifest.json").read_text())
+    assert not all(r["passed"] for r in failed["subgraphs"]["text_1"]["parity"])
+
+
+def test_quantised_experts_need_a_block_dividing_their_inputs(tiny_spec: M3Spec) -> None:
+    data = _with_precision(tiny_spec, experts="int4", block_size=256)  # hidden 128, expert width 64
+    with pytest.raises(
+        ValidationError, match=r"export.precision.block_size 256 must divide text.hidden_size"
+    ):
+        M3Spec.model_validate(data)

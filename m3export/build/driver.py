@@ -37,13 +37,13 @@ from m3export.build.steps import Context, WholeModel, run_build_steps, run_subgr
 from m3export.build.trt_step import trt_manifest_section
 from m3export.errors import InputError, SpecError
 from m3export.model.factory import Weights
-from m3export.ops.lowering import get_lowering
+from m3export.ops.lowering import get_lowering, lowering_for
 from m3export.parity.compare import ParityReport, jsonable
 from m3export.runners.ort_runner import OrtRunner, require_onnxruntime
 from m3export.runners.torch_runner import TorchRunner
 from m3export.spec import M3Spec, dump_spec, spec_hash
 from m3export.spec.memory import budget_bytes, require_memory, stage_memory_bytes, whole_model_bytes
-from m3export.spec.size import weight_bytes
+from m3export.spec.size import graph_weight_bytes, weight_bytes
 from m3export.split.inputs import to_numpy, trace_json
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
 from m3export.split.subgraphs import build_stage
@@ -86,7 +86,7 @@ def build(
     _check_precision(spec)
     plans = plan_subgraphs(spec)
     _check_only(only, plans)
-    moe = get_lowering(spec.export.moe)
+    moe = lowering_for(spec)
     require_onnxruntime(moe.onnxruntime, moe.name)  # every step runs these graphs in ORT
     if spec.export.trt_graphs:  # the TensorRT graphs' ORT twins use the `ort` lowering
         require_onnxruntime(get_lowering("ort").onnxruntime, "ort")
@@ -152,7 +152,7 @@ def _pass(spec: M3Spec, weights: Weights, moe: Any, out: Path, say: Progress) ->
         trace,
         say,
         _subgraph_steps(spec, say),
-        case_streams(spec, plan_subgraphs(spec))[1] if spec.graph_dtype != "float32" else None,
+        case_streams(spec, plan_subgraphs(spec))[1] if spec.reduced_precision else None,
     )
     if bp.prev is not None:
         for plan in plan_subgraphs(spec):
@@ -232,11 +232,12 @@ def _check_precision(spec: M3Spec) -> None:
             "bf16 graph can neither run nor be parity-checked here; use float16 (a bfloat16 checkpoint "
             "is read and converted tensor by tensor) or float32"
         )
-    if p.experts != "same":
+    if p.experts != "same" and spec.export.trt_graphs:
         raise SpecError(
-            f"export.precision.experts {p.experts!r}: quantised experts (ONNX Runtime QMoE) are not "
-            "built yet; use experts: same"
+            f"export.precision.experts {p.experts!r}: the TensorRT MoE plugin takes unquantised expert "
+            "weights (its FP8 / int4 forms are not built); build the onnx target only, or use experts: same"
         )
+    lowering_for(spec)  # a lowering without a quantised form: one line naming the field
 
 
 def estimate_artifact_bytes(spec: M3Spec, plans: Sequence[SubgraphPlan]) -> int:
@@ -244,7 +245,7 @@ def estimate_artifact_bytes(spec: M3Spec, plans: Sequence[SubgraphPlan]) -> int:
     with a TensorRT target also its ONNX graphs (shared weights in each) and each target's engines
     (as large),
     plus goldens (a few MiB per subgraph at most here)."""
-    onnx = sum(weight_bytes(spec, p.modules) for p in plans)
+    onnx = sum(graph_weight_bytes(spec, p.modules) for p in plans)
     trt = sum(weight_bytes(spec, owned_modules(p)) for p in plans) if spec.export.trt_graphs else 0
     engines = sum(t in spec.export.targets for t in ("trt", "trt_rtx"))
     return onnx + (1 + engines) * trt + len(plans) * (16 << 20)
@@ -291,7 +292,7 @@ def _manifest(
     staging: Path,
 ) -> Manifest:
     """The build's record. A gate that compared nothing has not passed; a skipped check never counts."""
-    moe = get_lowering(spec.export.moe)
+    moe = lowering_for(spec)
     every = [*(r for ex in ctx.exports.values() for r in ex.reports), *reports]
     passed = any(r.passed for r in every) and not any(r.failed for r in every)
     subgraphs = {

@@ -19,7 +19,7 @@ from m3export.build.driver import estimate_artifact_bytes
 from m3export.build.export_step import owned_modules
 from m3export.spec import M3Spec
 from m3export.spec.memory import GiB, budget_bytes, stage_memory_bytes, whole_model_bytes
-from m3export.spec.size import module_sizes, total_parameters, weight_bytes
+from m3export.spec.size import graph_weight_bytes, module_sizes, total_parameters, weight_bytes
 from m3export.split.plan import SubgraphPlan, plan_subgraphs
 
 _LAYER = re.compile(r"(?:^|\.)(?:model\.)?(layers|mtp\.layers)\.(\d+)$")
@@ -79,7 +79,7 @@ def plan_figures(spec: M3Spec) -> BuildFigures:
                 shared_uses=[m for m, _ in p.shared_uses],
                 parameters=sum(sizes[m].parameters for m in used),
                 weight_bytes=weight_bytes(spec, used),
-                disk_bytes=weight_bytes(spec, p.modules),
+                disk_bytes=graph_weight_bytes(spec, p.modules),
                 peak_memory_bytes=stage_memory_bytes(spec, used),
             )
         )

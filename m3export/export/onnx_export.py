@@ -25,7 +25,8 @@ import torch.fx.experimental._config as fx_config
 from onnxscript import ir
 
 import m3export.ops.moe  # noqa: F401  (torch.ops.m3.moe must exist to be counted)
-from m3export.ops.lowering import FOLD_KEY, MoELowering, check_lowered_graph, count_nodes
+from m3export.ops import quant
+from m3export.ops.lowering import FOLD_DOMAIN, FOLD_KEY, MoELowering, check_lowered_graph, count_nodes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +88,7 @@ def export_onnx(
     release_rewriter_state()
     assert program is not None
     _fold_tagged(program.model)
+    _drop_fold_domain(program.model)
     _uniform_norm_inputs(program.model)
     _strip_stack_traces(program.model)
 
@@ -283,7 +285,7 @@ def _fold_tagged(model: object) -> None:
             raise AssertionError(f"weight transform {node.op_type} ({node.name}) has no folding rule")
         compute, infer_shape = _FOLDS[node.op_type]
         shape = infer_shape([tuple(t.shape.numpy()) for t in sources], [_small(t) for t in sources], attrs)
-        dtype = sources[0].dtype
+        dtype = ir.DataType.UINT8 if node.op_type == "QuantizeBlockwise" else sources[0].dtype
         folded = ir.Value(
             name=out.name,
             type=ir.TensorType(dtype),
@@ -309,6 +311,16 @@ def _fold_tagged(model: object) -> None:
             if value.is_initializer() and not value.uses() and not value.is_graph_output():
                 assert value.name is not None
                 graph.initializers.pop(value.name)
+
+
+def _drop_fold_domain(model: object) -> None:
+    """The fold domain's opset import, once its transforms are folded (none may remain)."""
+    assert isinstance(model, ir.Model)
+    left = [n.op_type for n in model.graph.all_nodes() if n.domain == FOLD_DOMAIN]
+    if left:
+        raise AssertionError(f"weight transforms of {FOLD_DOMAIN} left unfolded: {left}")
+    model.opset_imports.pop(FOLD_DOMAIN, None)
+    model.graph.opset_imports.pop(FOLD_DOMAIN, None)
 
 
 def _const_tensor(value: ir.Value | None, node: ir.Node) -> ir.TensorProtocol:
@@ -364,7 +376,24 @@ _FOLDS: dict[str, tuple[Any, Any]] = {
         lambda x, attrs: np.multiply(x[0], x[1].astype(x[0].dtype)),
         lambda shapes, smalls, attrs: tuple(np.broadcast_shapes(*shapes)),
     ),
+    # m3export.fold: the QMoE initializers of an [E, N, K] expert weight (m3export/ops/quant.py).
+    "QuantizeBlockwise": (
+        lambda x, attrs: quant.quantize(x[0], attrs["bits"], attrs["block_size"])[0],
+        lambda shapes, smalls, attrs: (*shapes[0][:-1], shapes[0][-1] * attrs["bits"] // 8),
+    ),
+    "BlockScales": (
+        lambda x, attrs: _scales(x[0], attrs),
+        lambda shapes, smalls, attrs: (*shapes[0][:-1], shapes[0][-1] // attrs["block_size"]),
+    ),
 }
+
+
+def _scales(w: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
+    scales = quant.block_scales(w, attrs["bits"], attrs["block_size"])
+    if attrs.get("n_major", 1):
+        return scales
+    # The planted layout bug (tests): [E, K / block, N] values read as [E, N, K / block].
+    return np.ascontiguousarray(np.swapaxes(scales, -1, -2)).reshape(scales.shape)
 
 
 def release_rewriter_state() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from m3export.model.text import M3ForCausalLM
@@ -33,7 +32,8 @@ class Weights:
     freeing their memory. Never more than what is materialised is resident.
 
     Tensors are filled in fp32 (random weights rounded to the storage `dtype`), then cast to the graph
-    precision (export.precision.dtype, the fp32-kept router and bias excepted: model/moe.py); with
+    precision (export.precision.dtype, the fp32-kept router and bias excepted: model/moe.py; routed
+    experts quantised and dequantised with export.precision.experts int8 / int4); with
     `fp32=True` they stay fp32 (the reference a reduced-precision build is compared against) until
     `to_graph_dtype` casts them in place, one tensor at a time.
     """
@@ -66,10 +66,12 @@ class Weights:
             self.to_graph_dtype(todo)
 
     def to_graph_dtype(self, modules: Sequence[str]) -> None:
-        """Cast materialised modules to the graph precision (a no-op for a float32 build)."""
-        dtype = getattr(torch, self.spec.graph_dtype)
+        """Materialised modules in the graph precision (a no-op for a float32 build): cast to
+        export.precision.dtype, the routed experts then quantised as export.precision.experts says."""
+        from m3export.model.init import to_graph_precision
+
         for m in dict.fromkeys(modules):
-            self.model.get_submodule(m).to(dtype)
+            to_graph_precision(self.model.get_submodule(m), self.spec)
 
     def release(self, modules: Sequence[str]) -> None:
         for m in dict.fromkeys(modules):

@@ -62,7 +62,16 @@ def to_spec_dtypes(model: nn.Module, spec: Any, random: bool) -> None:
     the storage dtype; the router and its correction bias stay fp32 (model/moe.py)."""
     if random:
         round_to_storage(model, spec)
-    model.to(getattr(torch, spec.graph_dtype))
+    to_graph_precision(model, spec)
+
+
+def to_graph_precision(module: nn.Module, spec: Any) -> None:
+    """`module` cast to export.precision.dtype (the router and its bias stay fp32: model/moe.py), its
+    routed experts then int8 / int4 quantised and dequantised when export.precision.experts says so."""
+    from m3export.model.moe import quantise_experts
+
+    module.to(getattr(torch, spec.graph_dtype))
+    quantise_experts(module, spec.export.precision.experts, spec.export.precision.block_size)
 
 
 @torch.no_grad()

@@ -119,3 +119,24 @@ class SparseMoeBlock(nn.Module):
             c.swiglu_limit,
         )
         return (routed + self.shared_experts(flat)).view_as(x)
+
+
+@torch.no_grad()
+def quantise_experts(module: nn.Module, experts: str, block: int) -> None:
+    """Replace every routed expert weight under `module` by its int8 / int4 block-quantised and
+    dequantised value (m3export/ops/quant.py): the eager reference of the `QMoE` graphs, so parity
+    separates the quantisation (step `precision`, against the fp32 model) from the lowering (every
+    other step). The shared expert, dense MLPs, attention and router are not quantised."""
+    if experts == "same":
+        return
+    from m3export.ops.quant import BITS, fake_quantize
+
+    bits = BITS[experts]
+    for sub in module.modules():
+        if isinstance(sub, StackedExperts):
+            for p in (sub.gate_up_proj, sub.down_proj):
+                if p.is_meta:  # not materialised: quantised when it is (model/factory.py Weights)
+                    continue
+                native = p.dtype in (torch.float32, torch.float16)
+                w = p.detach().cpu() if native else p.detach().float().cpu()
+                p.copy_(torch.from_numpy(fake_quantize(w.numpy(), bits, block)).to(p.dtype))

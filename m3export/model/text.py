@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from m3export.model.attention import KVCache, M3Attention, causal_keep
 from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
 from m3export.model.init import init_weights, to_spec_dtypes
-from m3export.model.moe import SparseMoeBlock, SwiGLUMLP, build_moe_config
+from m3export.model.moe import SparseMoeBlock, SwiGLUMLP, build_moe_config, quantise_experts
 from m3export.model.mtp import MTP, MTPDepth, mtp_forward, shift_left
 from m3export.model.norm import GemmaRMSNorm
 from m3export.model.rope import rope_cos_sin
@@ -216,6 +216,7 @@ class M3ForCausalLM(nn.Module):
         spec, path = resolve_pretrained(source, spec)
         model = cls.from_config(spec, device="meta").to_empty(device=device or "cpu")
         load_checkpoint(model, path)
+        quantise_experts(model, spec.export.precision.experts, spec.export.precision.block_size)
         return model.eval()
 
     def forward(

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from m3export.errors import InputError, SpecError
 from m3export.model.checkpoint import load_checkpoint, resolve_pretrained
 from m3export.model.init import init_weights, to_spec_dtypes
+from m3export.model.moe import quantise_experts
 from m3export.model.splice import count_placeholders, splice_features
 from m3export.model.text import M3CausalLMOutput, M3ForCausalLM
 from m3export.model.vision import M3VisionTower
@@ -111,6 +112,7 @@ class M3ForConditionalGeneration(nn.Module):
         spec, path = resolve_pretrained(source, spec)
         model = cls.from_config(_vl_spec(spec), device="meta").to_empty(device=device or "cpu")
         load_checkpoint(model, path)
+        quantise_experts(model, spec.export.precision.experts, spec.export.precision.block_size)
         return model.eval()
 
     # ------------------------------------------------------------------------------ traceable parts

@@ -35,6 +35,8 @@ _REGISTERED: dict[str, MoELowering] = {}
 # Nodes whose inputs are all weights (layout/scale transforms of initializers) carry this metadata
 # key, so the export stage can fold them into new initializers whatever their size.
 FOLD_KEY = "m3export.fold"
+# The domain of m3export's own weight transforms (quantisation): folded at export, never saved.
+FOLD_DOMAIN = "m3export.fold"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +56,8 @@ class MoELowering:
     translate: Callable[..., Any]
     custom_nodes: dict[tuple[str, str], int] = field(default_factory=dict)
     onnxruntime: str = ""
+    # (bits, block) -> the lowering of int8 / int4 block-quantised experts; None: it has no such form.
+    quantised: Callable[[int, int], MoELowering] | None = None
 
     def translation_table(self) -> dict[Callable[..., Any], Callable[..., Any]]:
 
@@ -83,6 +87,23 @@ def get_lowering(name: str) -> MoELowering:
     lowering = getattr(importlib.import_module(module), attr)
     assert isinstance(lowering, MoELowering) and lowering.name == name
     return lowering
+
+
+def lowering_for(spec: Any) -> MoELowering:
+    """The lowering a spec's graphs use: export.moe, in its quantised form when
+    export.precision.experts is int8 / int4 (SpecError naming the field when it has none)."""
+    from m3export.ops.quant import BITS
+
+    lowering = get_lowering(spec.export.moe)
+    p = spec.export.precision
+    if p.experts == "same":
+        return lowering
+    if lowering.quantised is None:
+        raise SpecError(
+            f"export.precision.experts {p.experts!r}: the {lowering.name!r} MoE lowering has no quantised "
+            "form; use export.moe: ort (ONNX Runtime com.microsoft::QMoE)"
+        )
+    return lowering.quantised(BITS[p.experts], p.block_size)
 
 
 def count_nodes(model: onnx.ModelProto) -> Counter[tuple[str, str]]:

@@ -17,6 +17,7 @@ ready-made initializers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from onnx.defs import OpSchema
 from onnxscript import ir, values
 
-from m3export.ops.lowering import MoELowering, mark_fold, onnx_ops, onnx_route, static_dims
+from m3export.ops.lowering import FOLD_DOMAIN, MoELowering, mark_fold, onnx_ops, onnx_route, static_dims
 
 DOMAIN = "com.microsoft"
 # Exact on 1.32 (measured, export-notes §4). Up to 1.31 the CPU kernel uses router_probs as given:
@@ -78,6 +79,89 @@ def _moe_schema() -> Any:
 
 
 @functools.cache
+def _qmoe_schema() -> Any:
+    """onnx OpSchema for the com.microsoft::QMoE inputs this lowering feeds (onnxruntime 1.32's
+    schema, read from the runtime's own registry: docs/precision.md); the rest are optional and
+    trailing, so they are left out."""
+    names = [
+        ("input", "T"),
+        ("router_probs", "T"),
+        ("fc1_experts_weights", "T1"),
+        ("fc1_scales", "T2"),
+        ("fc1_experts_bias", "T"),
+        ("fc2_experts_weights", "T1"),
+        ("fc2_scales", "T2"),
+    ]
+    optional = {"fc1_experts_bias"}
+    ints = (
+        "k",
+        "normalize_routing_weights",
+        "use_sparse_mixer",
+        "swiglu_fusion",
+        "expert_weight_bits",
+        "block_size",
+        "accuracy_level",
+        "weights_prepacked",
+    )
+    floats = ("activation_alpha", "activation_beta", "swiglu_limit")
+    floating = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    return OpSchema(
+        "QMoE",
+        DOMAIN,
+        1,
+        inputs=[
+            OpSchema.FormalParameter(
+                n,
+                t,
+                param_option=OpSchema.FormalParameterOption.Optional
+                if n in optional
+                else OpSchema.FormalParameterOption.Single,
+            )
+            for n, t in names
+        ],
+        outputs=[OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", floating, ""), ("T1", ["tensor(uint8)"], ""), ("T2", floating, "")],
+        attributes=[
+            *(OpSchema.Attribute(n, OpSchema.AttrType.INT, required=False) for n in ints),
+            *(OpSchema.Attribute(n, OpSchema.AttrType.FLOAT, required=False) for n in floats),
+            *(
+                OpSchema.Attribute(n, OpSchema.AttrType.STRING, required=False)
+                for n in ("activation_type", "quant_type")
+            ),
+        ],
+    )
+
+
+@functools.cache
+def _qmoe_op() -> Any:
+
+    return values.Op(values.Opset(DOMAIN, 1), "QMoE", op_schema=_qmoe_schema())
+
+
+@functools.cache
+def _fold_op(name: str) -> Any:
+    """A weight transform of m3export's own (FOLD_DOMAIN), evaluated at export by
+    m3export/ops/quant.py (onnx_export's fold rules): it never reaches a saved graph."""
+    out = "T1" if name == "QuantizeBlockwise" else "T"
+    schema = OpSchema(
+        name,
+        FOLD_DOMAIN,
+        1,
+        inputs=[OpSchema.FormalParameter("weight", "T")],
+        outputs=[OpSchema.FormalParameter("output", out)],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+            *([("T1", ["tensor(uint8)"], "")] if out == "T1" else []),
+        ],
+        attributes=[
+            OpSchema.Attribute(n, OpSchema.AttrType.INT, required=False)
+            for n in ("bits", "block_size", "n_major")
+        ],
+    )
+    return values.Op(values.Opset(FOLD_DOMAIN, 1), name, op_schema=schema)
+
+
+@functools.cache
 def _moe_op() -> Any:
 
     return values.Op(values.Opset(DOMAIN, 1), "MoE", op_schema=_moe_schema())
@@ -113,6 +197,8 @@ def _translate(
     *,
     interleave_gate_up: bool,
     apply_routed_scaling: bool,
+    quant: tuple[int, int] | None,
+    scales_n_major: bool,
 ) -> Any:
 
     op = onnx_ops()
@@ -131,43 +217,95 @@ def _translate(
     if scale != 1.0 and _is_power_of_two(scale):
         fc2 = op.Mul(down_proj, op.Constant(value=ir.tensor(scale, dtype=down_proj.dtype)))
         mark_fold(fc2)
-    out = _moe_op()(
-        hidden,
-        probs,
-        fc1,
-        None,
-        fc2,
-        k=top_k,
-        activation_type="swiglu",
-        swiglu_fusion=1,
-        activation_alpha=float(swiglu_alpha),
-        activation_beta=float(swiglu_beta),
-        swiglu_limit=float(swiglu_limit),
-        normalize_routing_weights=0,
-        use_sparse_mixer=0,
-    )
+    activation = {
+        "k": top_k,
+        "activation_type": "swiglu",
+        "swiglu_fusion": 1,
+        "activation_alpha": float(swiglu_alpha),
+        "activation_beta": float(swiglu_beta),
+        "swiglu_limit": float(swiglu_limit),
+        "normalize_routing_weights": 0,
+        "use_sparse_mixer": 0,
+    }
+    if quant is None:
+        out = _moe_op()(hidden, probs, fc1, None, fc2, **activation)
+    else:
+        bits, block = quant
+        q1, s1 = _quantized(fc1, bits, block, scales_n_major)
+        q2, s2 = _quantized(fc2, bits, block, scales_n_major)
+        # accuracy_level 0: int4 blocks keep fp32 activations (exact against the dequantised weights);
+        # the CPU kernel's int8 blocks quantise activations to int8 per block at every level (measured,
+        # docs/precision.md), which the parity tolerances of int8 experts account for.
+        out = _qmoe_op()(
+            hidden,
+            probs,
+            q1,
+            s1,
+            None,
+            q2,
+            s2,
+            expert_weight_bits=bits,
+            block_size=block,
+            quant_type="int",
+            accuracy_level=0,
+            weights_prepacked=0,
+            **activation,
+        )
     if scale != 1.0 and not _is_power_of_two(scale):
         out = op.Mul(out, op.Constant(value=ir.tensor(scale, dtype=hidden.dtype)))
     return out
 
 
-def make_ort_lowering(*, interleave_gate_up: bool = True, apply_routed_scaling: bool = True) -> MoELowering:
-    """The `ort` lowering. The switches exist so tests can plant the bugs a parity check must catch."""
+def _quantized(weight: Any, bits: int, block: int, n_major: bool) -> tuple[Any, Any]:
+    """QMoE's (packed uint8 weights, scales) of an [E, N, K] expert weight, both folded at export
+    from the (dequantised) eager weights by m3export/ops/quant.py; `n_major=False` plants a bug:
+    scales computed right but laid out [E, K / block, N] and read as [E, N, K / block]."""
+    attrs = {"bits": bits, "block_size": block}
+    packed = _fold_op("QuantizeBlockwise")(weight, **attrs)
+    scales = _fold_op("BlockScales")(weight, **attrs, n_major=int(n_major))
+    mark_fold(packed, scales)
+    return packed, scales
+
+
+def make_ort_lowering(
+    *,
+    interleave_gate_up: bool = True,
+    apply_routed_scaling: bool = True,
+    quant: tuple[int, int] | None = None,
+    scales_n_major: bool = True,
+) -> MoELowering:
+    """The `ort` lowering; with `quant` = (bits, block) its `QMoE` form for int8 / int4 experts.
+    The switches exist so tests can plant the bugs a parity check must catch."""
     bugs = [
-        n for n, ok in (("concat-fc1", interleave_gate_up), ("no-scaling", apply_routed_scaling)) if not ok
+        n
+        for n, ok in (
+            ("concat-fc1", interleave_gate_up),
+            ("no-scaling", apply_routed_scaling),
+            ("k-major-scales", scales_n_major),
+        )
+        if not ok
     ]
+    translate = functools.partial(
+        _translate,
+        interleave_gate_up=interleave_gate_up,
+        apply_routed_scaling=apply_routed_scaling,
+        quant=quant,
+        scales_n_major=scales_n_major,
+    )
+    op = "MoE" if quant is None else "QMoE"
     return MoELowering(
         name="ort" + (f"[planted:{','.join(bugs)}]" if bugs else ""),
-        summary="ONNX Runtime com.microsoft::MoE (SwiGLU-OAI, interleaved fc1) with standard-op routing",
-        translate=functools.update_wrapper(
-            functools.partial(
-                _translate, interleave_gate_up=interleave_gate_up, apply_routed_scaling=apply_routed_scaling
-            ),
-            _translate,
-        ),
-        custom_nodes={(DOMAIN, "MoE"): 1},
+        summary=f"ONNX Runtime com.microsoft::{op} (SwiGLU-OAI, interleaved fc1) with standard-op routing"
+        + ("" if quant is None else f", int{quant[0]} experts in blocks of {quant[1]}"),
+        translate=functools.update_wrapper(translate, _translate),
+        custom_nodes={(DOMAIN, op): 1},
         onnxruntime=ORT_RANGE,
+        quantised=None if quant is not None else _quantised,
     )
+
+
+def _quantised(bits: int, block: int) -> MoELowering:
+    return dataclasses.replace(make_ort_lowering(quant=(bits, block)), name="ort")
 
 
 ORT_LOWERING = make_ort_lowering()

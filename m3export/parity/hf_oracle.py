@@ -54,7 +54,8 @@ def hf_greedy(
         register_text_only_conversion()
     cls = transformers.MiniMaxM3SparseForConditionalGeneration if vl else transformers.MiniMaxM3VLForCausalLM
     with tempfile.TemporaryDirectory(prefix="m3export-hf-") as tmp:
-        if spec.weights.checkpoint is not None:
+        # Quantised experts: transformers gets the dequantised weights the graphs were made from.
+        if spec.weights.checkpoint is not None and spec.export.precision.experts == "same":
             path = Path(spec.weights.checkpoint)
         else:
             from m3export.model.checkpoint import save_checkpoint

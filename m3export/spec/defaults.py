@@ -67,47 +67,53 @@ FLOAT32: dict[str, dict[str, Any]] = {
 }
 
 _MEASURED_FP16 = (
-    "measured on random m3-tiny in float16 (two seeds; docs/precision.md): worst scaled error {worst}, "
-    "worst cosine {cos}"
+    "measured in float16 on random m3-tiny (two seeds) and random m3-small (text-only, also with int8 "
+    "experts; docs/precision.md): worst scaled error {worst}, worst cosine {cos}"
 )
 # fp16 rounds every activation to 11 bits, so near-ties flip: an MSA block (the indexer scores in fp32,
-# but from fp16 keys) or an expert of one token in 80. One such flip moves that token's output by a few
-# percent of the peak: the scaled bounds allow it; the cosine bounds (a wrong layout gives ~0) and
-# top-1 agreement are what catch a real bug.
+# but from fp16 keys) or the expert of a token (the router input is an fp16 hidden state). One flip
+# moves that token's output by a good part of the peak, so the scaled bounds must allow it, and 1 -
+# cosine grows with the share of tokens flipped (m3-small: 1.6e-4 with two of 104 tokens' experts
+# flipped in one layer). A wrong layout gives a cosine near 0 and a top-1 near 1/vocab: cosine >= 0.999
+# and top-1 >= 0.9 still fail it. Top-1 is 0.9, not 0.99: a golden case has as few as 24 positions, so
+# one flipped token is 4.2% of it. Measured on random m3-small: the last MoE layer's routing of one
+# token had an fp32 margin of 3.8e-5 between its 4th and 5th expert, below fp16's resolution; the
+# fp16 eager model picked the other expert, and that token's logit argmax (margin 0.07) flipped: top-1
+# 23/24 = 0.958 against both the fp32 model and the fp16 graphs (which resolved the tie as fp32 did).
 FLOAT16: dict[str, dict[str, Any]] = {
     **FLOAT32,
     "onnx": {
-        "max_abs_scaled": 0.1,
-        "min_cosine": 0.9999,
-        "min_top1_agreement": 0.99,
+        "max_abs_scaled": 0.25,
+        "min_cosine": 0.999,
+        "min_top1_agreement": 0.9,
         "min_routing_agreement": 0.95,
         "reason": "each float16 subgraph, ONNX Runtime CPU vs the float16 eager wrapper: 1e-3 of the peak "
-        "without a flip, 0.024 with one MSA block flip; "
-        f"{_MEASURED_FP16.format(worst='0.024', cos='0.999994')}; routing agreement worst 0.988 (one "
-        "token's expert near-tie). The bounds keep >= 4x headroom on the error and 10x on 1 - cosine.",
+        "without a flip, up to 0.057 with a flipped MSA block or expert; "
+        f"{_MEASURED_FP16.format(worst='0.057', cos='0.99996')}; routing agreement worst 0.958 (one "
+        "token of 24 took another expert on a near-tie). The bounds keep >= 4x headroom.",
     },
     "end_to_end": {
-        "max_abs_scaled": 0.1,
-        "min_cosine": 0.9999,
-        "min_top1_agreement": 0.99,
+        "max_abs_scaled": 0.25,
+        "min_cosine": 0.999,
+        "min_top1_agreement": 0.9,
         "reason": "chained float16 ONNX Runtime subgraphs vs the float16 eager reference; "
-        f"{_MEASURED_FP16.format(worst='0.023', cos='0.999994')}.",
+        f"{_MEASURED_FP16.format(worst='0.096', cos='0.99984')}, top-1 0.958.",
     },
     "decode": {
-        "max_abs_scaled": 0.1,
-        "min_cosine": 0.9999,
-        "min_top1_agreement": 0.99,
+        "max_abs_scaled": 0.25,
+        "min_cosine": 0.999,
+        "min_top1_agreement": 0.9,
         "reason": "float16 chunked prefill + one-token steps through the cache vs the float16 full "
-        f"recompute (eager and ONNX Runtime); {_MEASURED_FP16.format(worst='0.023', cos='0.999994')}.",
+        f"recompute (eager and ONNX Runtime); {_MEASURED_FP16.format(worst='0.096', cos='0.99984')}.",
     },
     "precision": {
-        "max_abs_scaled": 0.2,
+        "max_abs_scaled": 0.25,
         "min_cosine": 0.999,
-        "min_top1_agreement": 0.95,
+        "min_top1_agreement": 0.9,
         "reason": "the float16 pipeline (eager and ONNX Runtime) vs the fp32 eager model on the same "
         "weights: fp16 weight and activation rounding plus flipped near-ties; "
-        f"{_MEASURED_FP16.format(worst='0.023', cos='0.99999')}, top-1 1.0. cosine >= 0.999 on the logits "
-        "is issue #14's target; top-1 0.95 allows near-tie flips among a 200k vocabulary.",
+        f"{_MEASURED_FP16.format(worst='0.096', cos='0.99987')}, top-1 0.958. cosine >= 0.999 on the "
+        "logits is issue #14's target; top-1 0.9 allows a token flipped by a near-tie.",
     },
 }
 
@@ -132,7 +138,41 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "bfloat16": BFLOAT16,
 }
 
+# Quantised experts (export.precision.experts): what changes against the dtype's own table. The eager
+# reference runs with the dequantised expert weights (m3export/ops/quant.py), so the graph steps see
+# only the lowering; step `precision` (vs the fp32 model, unquantised) sees the quantisation.
+EXPERTS: dict[str, dict[str, dict[str, Any]]] = {
+    "int4": {
+        "precision": {
+            "max_abs_scaled": 0.5,
+            "min_cosine": 0.99,
+            "min_top1_agreement": 0.5,
+            "reason": "the pipeline with int4 experts (blocks of 32, symmetric) vs the fp32 model with the "
+            "unquantised weights: a step is 1/7 of a block's peak, ~10% RMS error per expert weight. "
+            "Measured on random m3-small (text-only, float16 graphs) worst scaled error 0.11, cosine "
+            "0.9983, top-1 0.75 (m3-tiny: 0.025, 0.9999, 0.975): a random model's logits are nearly "
+            "flat, so int4 noise flips many argmaxes; a real checkpoint's margins are larger. A broken "
+            "quantiser (wrong scale or zero point) gives a cosine far below 0.99 and a top-1 near "
+            "1/vocab; set a tighter bound in the spec for a real model.",
+        },
+    },
+    "int8": {
+        "precision": {
+            "max_abs_scaled": 0.25,
+            "min_cosine": 0.999,
+            "min_top1_agreement": 0.9,
+            "reason": "the pipeline with int8 experts (blocks of 32, symmetric) vs the fp32 model with the "
+            "unquantised weights: a step is 1/254 of a block's peak, below fp16's own rounding. Measured "
+            "on random m3-tiny (float32 and float16 graphs) worst scaled error 0.022, cosine 0.999995, "
+            "top-1 1.0; on random m3-small with float16 graphs 0.096, 0.99987, 0.958 (fp16's near-tie "
+            "flips); the float16 bounds.",
+        },
+    },
+}
 
-def default_tolerances(dtype: str) -> dict[str, dict[str, Any]]:
-    """Every step's default tolerance for `dtype` (float32's for a dtype without its own table)."""
-    return {step: dict(tol) for step, tol in DEFAULTS.get(dtype, FLOAT32).items()}
+
+def default_tolerances(dtype: str, experts: str = "same") -> dict[str, dict[str, Any]]:
+    """Every step's default tolerance for `dtype` (float32's for a dtype without its own table), with
+    the bounds quantised `experts` change."""
+    table = {**DEFAULTS.get(dtype, FLOAT32), **EXPERTS.get(experts, {})}
+    return {step: dict(tol) for step, tol in table.items()}

@@ -297,16 +297,27 @@ class M3Spec(Strict):
         export = data.get("export")
         precision = export.get("precision") if isinstance(export, dict) else None
         dtype = precision.get("dtype", "float32") if isinstance(precision, dict) else "float32"
-        defaults = default_tolerances(dtype if isinstance(dtype, str) else "float32")
+        experts = precision.get("experts", "same") if isinstance(precision, dict) else "same"
+        defaults = default_tolerances(
+            dtype if isinstance(dtype, str) else "float32", experts if isinstance(experts, str) else "same"
+        )
         return {**data, "tolerances": {**defaults, **(given or {})}}
 
     @model_validator(mode="after")
     def _check(self) -> M3Spec:
-        if self.graph_dtype != "float32" and self.tolerances.precision is None:
+        p = self.export.precision
+        if self.reduced_precision and self.tolerances.precision is None:
             raise ValueError(
-                f"tolerances.precision is required with export.precision.dtype {self.graph_dtype!r}: "
-                "the bounds of the reduced-precision pipeline against the fp32 model"
+                f"tolerances.precision is required with export.precision dtype {p.dtype!r}, experts "
+                f"{p.experts!r}: the bounds of the reduced-precision pipeline against the fp32 model"
             )
+        if p.experts != "same":
+            for name in ("hidden_size", "intermediate_size"):
+                if getattr(self.text, name) % p.block_size:
+                    raise ValueError(
+                        f"export.precision.block_size {p.block_size} must divide text.{name} "
+                        f"({getattr(self.text, name)}): the experts are quantised in blocks along their inputs"
+                    )
         if (self.vision is None) != (self.multimodal is None):
             raise ValueError("vision and multimodal must be given together (a VL model) or both omitted")
         if self.multimodal is not None:
@@ -341,6 +352,13 @@ class M3Spec(Strict):
     @property
     def is_vl(self) -> bool:
         return self.vision is not None
+
+    @property
+    def reduced_precision(self) -> bool:
+        """Whether the graphs compute in less than fp32 (a dtype or quantised experts): the build then
+        also gates them against the fp32 model on the same weights (step `precision`)."""
+        p = self.export.precision
+        return p.dtype != "float32" or p.experts != "same"
 
     @property
     def graph_dtype(self) -> GraphDtype:

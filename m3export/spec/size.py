@@ -22,9 +22,19 @@ class ModuleSize:
 
     parameters: int
     fp32_parameters: int  # of which are kept in fp32 whatever the dtype (router weight + bias)
+    expert_parameters: int = 0  # of which are routed-expert weights (quantised with experts int8/int4)
 
-    def nbytes(self, dtype: str) -> int:
-        return (self.parameters - self.fp32_parameters) * DTYPE_BYTES[dtype] + self.fp32_parameters * 4
+    def nbytes(self, dtype: str, experts: str = "same", block: int = 32) -> int:
+        """Bytes at `dtype`; with int8 / int4 `experts`, the routed experts as QMoE stores them:
+        bits/8 bytes per weight plus one `dtype` scale per block (m3export/ops/quant.py)."""
+        size = DTYPE_BYTES[dtype]
+        dense = self.parameters - self.fp32_parameters
+        if experts == "same":
+            return dense * size + self.fp32_parameters * 4
+        bits = {"int8": 8, "int4": 4}[experts]
+        e = self.expert_parameters
+        quantised = e * bits // 8 + e // block * size
+        return (dense - e) * size + quantised + self.fp32_parameters * 4
 
 
 def _attention(t: TextSpec, sparse: bool) -> int:
@@ -42,15 +52,16 @@ def decoder_layer_size(t: TextSpec, *, moe: bool, sparse: bool) -> ModuleSize:
     """One decoder layer (§2.2): two norms, attention (+ indexer), dense MLP or MoE + shared expert."""
     h = t.hidden_size
     n = 2 * h + _attention(t, sparse)
-    fp32 = 0
+    fp32 = experts = 0
     if moe:
         e = t.num_local_experts
         fp32 = e * h + e  # router weight + e_score_correction_bias
-        n += fp32 + 3 * e * t.intermediate_size * h
+        experts = 3 * e * t.intermediate_size * h
+        n += fp32 + experts
         n += 3 * h * t.shared_intermediate_size * t.n_shared_experts
     else:
         n += 3 * h * t.dense_intermediate_size
-    return ModuleSize(n, fp32)
+    return ModuleSize(n, fp32, experts)
 
 
 def module_sizes(spec: M3Spec) -> dict[str, ModuleSize]:
@@ -68,7 +79,7 @@ def module_sizes(spec: M3Spec) -> dict[str, ModuleSize]:
     for d in range(t.num_mtp_modules):  # enorm, hnorm, eh_proj, final_layernorm + an MoE/MSA block (§3.1)
         block = decoder_layer_size(t, moe=True, sparse=t.uses_sparse_attention)
         out[f"{root}model.mtp.layers.{d}"] = ModuleSize(
-            3 * h + 2 * h * h + block.parameters, block.fp32_parameters
+            3 * h + 2 * h * h + block.parameters, block.fp32_parameters, block.expert_parameters
         )
     if spec.vision is not None and spec.multimodal is not None:
         v, ph = spec.vision, spec.multimodal.projector_hidden_size
@@ -92,3 +103,12 @@ def weight_bytes(spec: M3Spec, modules: Sequence[str] | None = None) -> int:
     sizes = module_sizes(spec)
     names = sizes if modules is None else modules
     return sum(sizes[m].nbytes(spec.graph_dtype) for m in names)
+
+
+def graph_weight_bytes(spec: M3Spec, modules: Sequence[str] | None = None) -> int:
+    """Bytes of the named modules' weights in the exported graphs: `weight_bytes`, but the routed
+    experts as export.precision.experts stores them (the eager model holds them dequantised)."""
+    sizes = module_sizes(spec)
+    names = sizes if modules is None else modules
+    p = spec.export.precision
+    return sum(sizes[m].nbytes(spec.graph_dtype, p.experts, p.block_size) for m in names)
