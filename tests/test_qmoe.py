@@ -21,6 +21,7 @@ from m3export.model.moe import StackedExperts, quantise_experts
 from m3export.ops import quant
 from m3export.ops.lowering import lowering_for
 from m3export.ops.lowering_ort import make_ort_lowering
+from m3export.spec import PrecisionSpec
 
 ALPHA, BETA, LIMIT = 1.702, 1.0, 7.0
 HIDDEN, INTER, EXPERTS, TOP_K = 64, 32, 8, 3
@@ -43,7 +44,7 @@ class QBlock(nn.Module):
             )
             self.experts.down_proj.copy_(torch.randn(EXPERTS, HIDDEN, INTER, generator=g) / (4 * INTER**0.5))
         self.experts.to(dtype)
-        quantise_experts(self, experts, block)
+        quantise_experts(self, PrecisionSpec(experts=experts, block_size=block))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         e = self.experts

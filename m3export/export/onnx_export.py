@@ -283,9 +283,9 @@ def _fold_tagged(model: object) -> None:
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         if node.op_type not in _FOLDS or attrs.get("allowzero"):
             raise AssertionError(f"weight transform {node.op_type} ({node.name}) has no folding rule")
-        compute, infer_shape = _FOLDS[node.op_type]
+        compute, infer_shape, *out_dtype = _FOLDS[node.op_type]
         shape = infer_shape([tuple(t.shape.numpy()) for t in sources], [_small(t) for t in sources], attrs)
-        dtype = ir.DataType.UINT8 if node.op_type == "QuantizeBlockwise" else sources[0].dtype
+        dtype = out_dtype[0] if out_dtype else sources[0].dtype  # a transform keeps its input's dtype
         folded = ir.Value(
             name=out.name,
             type=ir.TensorType(dtype),
@@ -360,8 +360,9 @@ def _reshape_target(shapes: Shapes, smalls: Smalls) -> tuple[int, ...]:
     return tuple(dims)
 
 
-# The transforms lowerings tag (mark_fold), as ONNX defines them: op -> (values, output shape).
-_FOLDS: dict[str, tuple[Any, Any]] = {
+# The transforms lowerings tag (mark_fold), as ONNX defines them: op -> (values, output shape[, output
+# dtype when it is not the first input's]).
+_FOLDS: dict[str, tuple[Any, ...]] = {
     "Transpose": (
         lambda x, attrs: np.transpose(x[0], attrs.get("perm")),
         lambda shapes, smalls, attrs: tuple(
@@ -380,6 +381,7 @@ _FOLDS: dict[str, tuple[Any, Any]] = {
     "QuantizeBlockwise": (
         lambda x, attrs: quant.quantize(x[0], attrs["bits"], attrs["block_size"])[0],
         lambda shapes, smalls, attrs: (*shapes[0][:-1], shapes[0][-1] * attrs["bits"] // 8),
+        ir.DataType.UINT8,
     ),
     "BlockScales": (
         lambda x, attrs: _scales(x[0], attrs),

@@ -71,7 +71,7 @@ def to_graph_precision(module: nn.Module, spec: Any) -> None:
     from m3export.model.moe import quantise_experts
 
     module.to(getattr(torch, spec.graph_dtype))
-    quantise_experts(module, spec.export.precision.experts, spec.export.precision.block_size)
+    quantise_experts(module, spec.export.precision)
 
 
 @torch.no_grad()

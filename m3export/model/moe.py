@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 import m3export.ops.moe  # noqa: F401  (registers torch.ops.m3.moe)
 from m3export.ops.moe import swiglu_oai
+from m3export.spec.export import PrecisionSpec
 from m3export.spec.models import TextSpec
 
 
@@ -122,16 +123,16 @@ class SparseMoeBlock(nn.Module):
 
 
 @torch.no_grad()
-def quantise_experts(module: nn.Module, experts: str, block: int) -> None:
+def quantise_experts(module: nn.Module, precision: PrecisionSpec) -> None:
     """Replace every routed expert weight under `module` by its int8 / int4 block-quantised and
     dequantised value (m3export/ops/quant.py): the eager reference of the `QMoE` graphs, so parity
     separates the quantisation (step `precision`, against the fp32 model) from the lowering (every
     other step). The shared expert, dense MLPs, attention and router are not quantised."""
-    if experts == "same":
+    if precision.experts == "same":
         return
     from m3export.ops.quant import BITS, fake_quantize
 
-    bits = BITS[experts]
+    bits, block = BITS[precision.experts], precision.block_size
     for sub in module.modules():
         if isinstance(sub, StackedExperts):
             for p in (sub.gate_up_proj, sub.down_proj):

@@ -216,7 +216,7 @@ class M3ForCausalLM(nn.Module):
         spec, path = resolve_pretrained(source, spec)
         model = cls.from_config(spec, device="meta").to_empty(device=device or "cpu")
         load_checkpoint(model, path)
-        quantise_experts(model, spec.export.precision.experts, spec.export.precision.block_size)
+        quantise_experts(model, spec.export.precision)
         return model.eval()
 
     def forward(

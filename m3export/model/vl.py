@@ -112,7 +112,7 @@ class M3ForConditionalGeneration(nn.Module):
         spec, path = resolve_pretrained(source, spec)
         model = cls.from_config(_vl_spec(spec), device="meta").to_empty(device=device or "cpu")
         load_checkpoint(model, path)
-        quantise_experts(model, spec.export.precision.experts, spec.export.precision.block_size)
+        quantise_experts(model, spec.export.precision)
         return model.eval()
 
     # ------------------------------------------------------------------------------ traceable parts

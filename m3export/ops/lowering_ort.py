@@ -17,7 +17,6 @@ ready-made initializers.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -305,7 +304,7 @@ def make_ort_lowering(
 
 
 def _quantised(bits: int, block: int) -> MoELowering:
-    return dataclasses.replace(make_ort_lowering(quant=(bits, block)), name="ort")
+    return make_ort_lowering(quant=(bits, block))
 
 
 ORT_LOWERING = make_ort_lowering()

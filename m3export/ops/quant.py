@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-BITS = {"int8": 8, "int4": 4}
+from m3export.spec.export import EXPERT_BITS
+
+BITS = EXPERT_BITS  # export.precision.experts -> bits per weight (owned by the spec)
 
 
 def qmax(bits: int) -> int:

@@ -83,6 +83,10 @@ TRT_TARGETS = ("trt", "trt_rtx")
 GraphDtype = Literal["float32", "bfloat16", "float16"]
 
 
+# Bits per routed-expert weight of export.precision.experts (m3export/ops/quant.py has the format).
+EXPERT_BITS = {"int8": 8, "int4": 4}
+
+
 class PrecisionSpec(Strict):
     """The precision of the exported graphs and of their eager references, separate from the weights'
     storage dtype (`dtype`, what the checkpoint holds). Whatever `dtype` says, these stay in fp32 as

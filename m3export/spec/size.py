@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from m3export.spec.export import EXPERT_BITS
 from m3export.spec.models import M3Spec, TextSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,7 +32,7 @@ class ModuleSize:
         dense = self.parameters - self.fp32_parameters
         if experts == "same":
             return dense * size + self.fp32_parameters * 4
-        bits = {"int8": 8, "int4": 4}[experts]
+        bits = EXPERT_BITS[experts]
         e = self.expert_parameters
         quantised = e * bits // 8 + e // block * size
         return (dense - e) * size + quantised + self.fp32_parameters * 4
@@ -100,15 +101,17 @@ def total_parameters(spec: M3Spec) -> int:
 
 def weight_bytes(spec: M3Spec, modules: Sequence[str] | None = None) -> int:
     """Bytes of the named modules' weights at the spec dtype (all modules when None)."""
-    sizes = module_sizes(spec)
-    names = sizes if modules is None else modules
-    return sum(sizes[m].nbytes(spec.graph_dtype) for m in names)
+    return _bytes(spec, modules, "same")
 
 
 def graph_weight_bytes(spec: M3Spec, modules: Sequence[str] | None = None) -> int:
     """Bytes of the named modules' weights in the exported graphs: `weight_bytes`, but the routed
     experts as export.precision.experts stores them (the eager model holds them dequantised)."""
+    return _bytes(spec, modules, spec.export.precision.experts)
+
+
+def _bytes(spec: M3Spec, modules: Sequence[str] | None, experts: str) -> int:
     sizes = module_sizes(spec)
     names = sizes if modules is None else modules
-    p = spec.export.precision
-    return sum(sizes[m].nbytes(spec.graph_dtype, p.experts, p.block_size) for m in names)
+    block = spec.export.precision.block_size
+    return sum(sizes[m].nbytes(spec.graph_dtype, experts, block) for m in names)
