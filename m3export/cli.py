@@ -311,6 +311,14 @@ def generate_cmd(
         ),
     ] = False,
     key: KeyOption = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            "--prefill-chunk",
+            help="prefill a text prompt in calls of at most this many tokens through the cache "
+            "(memory follows the chunk, not the prompt); default: one call",
+        ),
+    ] = None,
 ) -> None:
     """Greedy decoding with the KV cache, streaming token ids as they are produced (one per line).
 
@@ -333,10 +341,14 @@ def generate_cmd(
         on_token=show,
         videos=video or [],
         key=read_key(key) if key is not None else None,
+        prefill_chunk=prefill_chunk,
     )
+    rate = result.decode_tokens_per_second
     stats = (
         f"{len(result.tokens)} tokens ({result.stop_reason}) in {result.seconds:.2f} s, backend {result.backend}, "
-        f"{result.main_forwards} main forwards ({result.tokens_per_forward:.2f} tokens/forward)"
+        f"{result.main_forwards} main forwards ({result.tokens_per_forward:.2f} tokens/forward); "
+        f"prefill of {result.prompt_len} tokens {result.prefill_seconds:.2f} s, decode "
+        + (f"{rate:.1f} tokens/s" if rate is not None else "-")
     )
     if result.acceptance_rate is not None:
         stats += f"; MTP acceptance {result.accepted}/{result.drafted} = {result.acceptance_rate:.2f}"

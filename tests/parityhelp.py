@@ -48,3 +48,12 @@ def dropped_pairs(model: torch.nn.Module, *args: Any, **kwargs: Any) -> list[int
         for h in handles:
             h.remove()
     return counts
+
+
+def dense_causal_msa(self: M3Attention, q, k, v, x, cos, sin, pos, past):  # type: ignore[no-untyped-def]
+    """A mutation for `M3Attention.msa_attention`: plain causal attention on the MSA layers (no block
+    selection), the index keys still cached."""
+    from m3export.model.attention import causal_keep, masked_attention
+
+    _, _, idx_k = self.msa_select(x, cos, sin, pos, past)
+    return masked_attention(q, k, v, causal_keep(pos, k.shape[2])), idx_k

@@ -126,6 +126,24 @@ def test_generate_cli_streams_tokens(tiny_build: Path, capsys: pytest.CaptureFix
     assert "MTP acceptance" in stderr and "main forwards" in stderr
 
 
+def test_chunked_prefill_of_a_long_prompt_generates_the_one_call_tokens(
+    tiny_build: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 4000-token prompt (MSA drops all but 2 blocks of 8 per query) prefilled in chunks of 1000
+    through the cache, with MTP drafting from every prompt position: the same tokens as one call;
+    stderr reports the prefill time and the decode rate (issue #15)."""
+    ids = ",".join(str(3 + (i * 7919) % 1000) for i in range(4000))
+    base = ["generate", str(tiny_build), "--input-ids", ids, "--max-new-tokens", "6", "--mtp"]
+    code, whole, err_whole = run_cli(base, capsys)
+    assert code == 0, err_whole
+    code, chunked, err = run_cli([*base, "--prefill-chunk", "1000"], capsys)
+    assert code == 0, err
+    assert chunked.split() == whole.split() and len(whole.split()) == 6
+    assert "prefill of 4000 tokens" in err and "tokens/s" in err
+    code, _, err = run_cli([*base, "--prefill-chunk", "0"], capsys)
+    assert code == 2 and "--prefill-chunk must be >= 1" in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

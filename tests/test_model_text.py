@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import spec_variant
-from parityhelp import dropped_pairs
+from parityhelp import dense_causal_msa, dropped_pairs
 from safetensors.torch import load_file, save_file
 
 from m3export.errors import CheckpointError
-from m3export.model.attention import M3Attention, causal_keep, select_blocks
+from m3export.model.attention import M3Attention, select_blocks
 from m3export.model.checkpoint import hf_to_native, load_checkpoint, native_to_hf, save_checkpoint
 from m3export.model.init import init_weights
 from m3export.model.moe import SparseMoeBlock, build_moe_config
@@ -134,11 +134,7 @@ def _dense_vs_sparse(model: M3ForCausalLM, seq: int, monkeypatch: pytest.MonkeyP
     with torch.no_grad():
         sparse = model(ids).logits
         with monkeypatch.context() as mp:
-            mp.setattr(
-                M3Attention,
-                "msa_keep",
-                lambda self, x, cos, sin, pos, past: (causal_keep(pos, x.shape[1]), None),
-            )
+            mp.setattr(M3Attention, "msa_attention", dense_causal_msa)
             dense = model(ids).logits
     return dropped, (sparse - dense).abs().max().item()
 
@@ -148,7 +144,8 @@ def test_msa_is_dense_causal_up_to_topk_blocks(
     model: M3ForCausalLM, seq: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dropped, diff = _dense_vs_sparse(model, seq, monkeypatch)  # seq <= topk·block = 16
-    assert dropped == 0 and diff == 0.0
+    # Every causal block is read: equal up to fp32 summation order (gathered vs dense kernels).
+    assert dropped == 0 and diff <= 1e-5
 
 
 @pytest.mark.parametrize("seq", [17, 40, 64])

@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import spec_variant
 from parityhelp import assert_within as _assert_within
-from parityhelp import dropped_pairs
+from parityhelp import dense_causal_msa, dropped_pairs
 from parityhelp import stats as _stats
 from safetensors.torch import load_file
 
 import m3export.ops.moe as ops_moe
 from m3export.errors import CheckpointError
-from m3export.model.attention import M3Attention, causal_keep
+from m3export.model.attention import M3Attention
 from m3export.model.checkpoint import save_checkpoint
 from m3export.model.text import M3ForCausalLM
 from m3export.parity.hf_oracle import randomise_hf_weights
@@ -114,9 +114,7 @@ def test_parity_fails_without_msa_selection(
     ours, path = ours_to_hf
     hf, _ = _hf_load(MiniMaxM3VLForCausalLM, path)
     ids = _ids(tiny_text_spec, SPARSE_SEQ, 1)
-    monkeypatch.setattr(
-        M3Attention, "msa_keep", lambda self, x, cos, sin, pos, past: (causal_keep(pos, x.shape[1]), None)
-    )
+    monkeypatch.setattr(M3Attention, "msa_attention", dense_causal_msa)
     with torch.no_grad():
         err = _stats(ours(ids).logits, hf(ids).logits)["max_abs"]
     print(f"mutated max abs err {err:.3g}")

@@ -8,10 +8,19 @@ static k (= sparse_topk_blocks) on block scores right-padded with k columns of �
 does not depend on how many blocks the sequence has. Block positions come from `position_ids`
 (the query's absolute position) and key positions are key slots, so a KV cache holding the whole
 history gives the same selection as a full recompute.
+
+MSA attention reads only the selected blocks (`gathered_block_attention`, issue #15): the keys and
+values of each (KV group, query)'s k blocks are gathered slot by slot and merged with a running
+softmax, so no [S, P+S] mask or score tensor per attention head exists (the indexer's fp32 token
+scores are still [B, G, S, P+S], G index heads). It is exact for every length: for S <= k·block,
+where MSA is dense causal attention (§2.4 "Consequences"), it reads every causal block, so no
+separate dense path is needed. `masked_msa_attention` is the dense formulation it replaced, kept as
+the reference tests and bench/msa_bench.py compare against.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -43,29 +52,45 @@ def num_key_blocks(key_len: int, block: int) -> int:
     return (key_len + block - 1) // block
 
 
-def index_block_scores(idx_q: Tensor, idx_k: Tensor, position_ids: Tensor, block: int) -> Tensor:
-    """Block scores [B, G, S, NB] (§2.4 steps 5-6): fp32 dot products, key-level causal −inf, max-pool.
+def index_block_scores(
+    idx_q: Tensor, idx_k: Tensor, block: int, position_ids: Tensor | None = None
+) -> Tensor:
+    """Block scores [B, G, S, NB] (§2.4 steps 5-6): fp32 dot products, max-pooled per block of keys.
 
     idx_q [B, S, G, D] and idx_k [B, K, D] are normed and rotated. The 1/sqrt(D) scale of §2.4.5 is
     omitted: it does not change the ranking (§10.16), and the HF oracle and the MSA kernel omit it.
-    The key axis is padded with −inf to a block multiple, then max-pooled per block (Pad, Reshape,
-    ReduceMax: plain ops for every export target).
+
+    §2.4 step 5's key-level causal −inf and step 6's −inf padding are not applied, because they
+    cannot change the selection while the query's own block is forced (sparse_local_block >= 1, as
+    in M3; with 0, pass `position_ids` and the key-level mask is applied). Keys past a query's
+    position lie in its own block, which is forced (+inf, step 7), or in later blocks, which are not
+    candidates (−inf, step 7). Every earlier block
+    is wholly visible. The zero-padded keys of a partial last block sit in the last query's own block.
+    So `select_block_ids` gives the same blocks as with the masks; transformers' implementation, which
+    applies them, checks this in every build and in tests/test_parity_transformers.py. Leaving them out
+    keeps a single [B, G, S, NB·block] fp32 tensor, instead of four (the mask, the padding and a
+    transpose each copied it: 2 GiB per layer for a 1024-token chunk over 64k keys).
     """
-    key_len = idx_k.shape[1]
-    scores = torch.einsum("bsgd,bkd->bgsk", idx_q.float(), idx_k.float())
-    scores = scores.masked_fill(~causal_keep(position_ids, key_len), float("-inf"))
-    num_blocks = num_key_blocks(key_len, block)
-    scores = F.pad(scores, (0, num_blocks * block - key_len), value=float("-inf"))
+    num_blocks = num_key_blocks(idx_k.shape[1], block)
+    keys = F.pad(idx_k.float(), (0, 0, 0, num_blocks * block - idx_k.shape[1]))  # [B, NB·block, D]
+    # [B, G, S, D] @ [B, 1, D, NB·block]: a MatMul (ONNX Runtime's Einsum for "bsgd,bkd->bgsk" took
+    # 4 ms per layer at 64k keys in decode).
+    scores = idx_q.float().transpose(1, 2) @ keys.transpose(1, 2)[:, None]
+    if position_ids is not None:
+        scores = scores.masked_fill(~causal_keep(position_ids, num_blocks * block), float("-inf"))
     return scores.unflatten(-1, (num_blocks, block)).amax(dim=-1)
 
 
-def select_blocks(block_scores: Tensor, position_ids: Tensor, sa: SparseAttentionSpec) -> Tensor:
-    """Selected blocks [B, G, S, NB] (bool) per index head = per KV group (§2.4 steps 7-8, §10.3).
+def select_block_ids(
+    block_scores: Tensor, position_ids: Tensor, sa: SparseAttentionSpec
+) -> tuple[Tensor, Tensor]:
+    """The kernel format of §2.4 step 8: block ids [B, G, S, k] (int64) per index head = per KV group,
+    and whether each slot holds a selected block (bool; §10.3 budget-inclusive selection).
 
     Candidates are blocks b <= q_block = pos // block. Forced candidates (the `sparse_local_block`
     blocks ending at q_block, §10.5, and b < sparse_init_block) score +inf so they always win a slot
     inside the top-k budget. Top-k has a static k: k columns of −inf are appended, and any chosen
-    slot whose score is −inf (a non-candidate or a padding column) is discarded.
+    slot whose score is −inf (a non-candidate or a padding column) is not valid.
     """
     num_blocks = block_scores.shape[-1]
     k = sa.sparse_topk_blocks
@@ -77,8 +102,73 @@ def select_blocks(block_scores: Tensor, position_ids: Tensor, sa: SparseAttentio
     scores = torch.where(forced, inf, torch.where(candidate, block_scores, -inf))
     scores = F.pad(scores, (0, k), value=float("-inf"))
     top_vals, top_idx = torch.topk(scores, k, dim=-1)
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top_idx, top_vals > float("-inf"))
-    return chosen[..., :num_blocks] & candidate
+    return top_idx, top_vals > float("-inf")
+
+
+def select_blocks(block_scores: Tensor, position_ids: Tensor, sa: SparseAttentionSpec) -> Tensor:
+    """Selected blocks [B, G, S, NB] (bool): `select_block_ids` as a mask over every block."""
+    ids, valid = select_block_ids(block_scores, position_ids, sa)
+    return blocks_mask(ids, valid, block_scores.shape[-1])
+
+
+def blocks_mask(ids: Tensor, valid: Tensor, num_blocks: int) -> Tensor:
+    """Block ids and validity [B, G, S, k] as a mask [B, G, S, num_blocks] (padding ids dropped)."""
+    padded = ids.new_zeros((*ids.shape[:-1], num_blocks + ids.shape[-1]), dtype=torch.bool)
+    return padded.scatter(-1, ids, valid)[..., :num_blocks]
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
+    """Dense GQA attention (§2.3) under a boolean keep mask [B, 1 or H, S, K]: query head h reads KV
+    head h // (H / G) (repeat-interleave, §2.3.4). A boolean mask, never an additive one: −inf biases
+    leak in bf16 (§2.4.10)."""
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=keep
+    )
+
+
+def gathered_block_attention(
+    q: Tensor, k: Tensor, v: Tensor, ids: Tensor, valid: Tensor, position_ids: Tensor, block: int
+) -> Tensor:
+    """MSA attention reading only the selected blocks (§2.4 steps 9-10 without the [S, P+S] mask).
+
+    q [B, H, S, D]; k, v [B, G, K, D] (K = P+S key slots, key slot j is position j); ids / valid
+    [B, G, S, k] from `select_block_ids`. Slot by slot over the k selected blocks, each query's block
+    of keys is gathered ([B, G, S, block, D]), scored, masked (a valid slot, key j <= the query's
+    position) and merged into a running softmax (max, sum, weighted values: the log-sum-exp merge),
+    in fp32 as the dense path's softmax is (§2.7). Memory is O(S · block · D) per slot whatever K is,
+    and the result equals softmax attention over the union of the selected blocks (every query's own
+    block is forced, so no row is empty). Query head h reads KV group h // (H / G) (§2.3.4).
+    """
+    b, h, s, d = q.shape
+    g, key_len = k.shape[1], k.shape[2]
+    # Rows of the flattened cache, gathered directly (no padded copy of the history per call): key
+    # slot j of group (b, g) is row (b·G + g)·K + j; slots past the end read key 0, masked.
+    k_rows, v_rows = k.reshape(b * g * key_len, d), v.reshape(b * g * key_len, d)
+    base = (torch.arange(b * g, device=q.device) * key_len).view(b, g, 1, 1)
+    qg = q.float().reshape(b, g, h // g, s, d) * (1.0 / math.sqrt(d))
+    offsets = torch.arange(block, device=q.device)
+    pos = position_ids[:, None, :, None]  # [B, 1, S, 1]
+    m = torch.full((b, g, h // g, s, 1), -1e30, device=q.device)
+    total = torch.zeros((b, g, h // g, s, 1), device=q.device)
+    acc = torch.zeros((b, g, h // g, s, d), device=q.device)
+    for slot in range(ids.shape[-1]):  # static k: unrolled in the graph
+        # An invalid slot (a padding id, possibly >= NB) reads block 0, masked; a slot past the last
+        # key reads key 0, masked. Mul / Where, not Clip: TensorRT's Clip takes no INT64.
+        blk = ids[..., slot] * valid[..., slot].long()
+        key_pos = blk[..., None] * block + offsets  # [B, G, S, block]
+        rows = base + torch.where(key_pos < key_len, key_pos, 0)
+        kb, vb = k_rows[rows].float(), v_rows[rows].float()  # [B, G, S, block, D]
+        scores = torch.einsum("bgrsd,bgstd->bgrst", qg, kb)
+        ok = valid[..., slot, None] & (key_pos <= pos)  # a clamped slot is past every position: masked
+        scores = scores.masked_fill(~ok[:, :, None], float("-inf"))
+        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
+        weights = torch.exp(scores - m_new)
+        keep = torch.exp(m - m_new)
+        total = total * keep + weights.sum(dim=-1, keepdim=True)
+        acc = acc * keep + torch.einsum("bgrst,bgstd->bgrsd", weights, vb)
+        m = m_new
+    return (acc / total).reshape(b, h, s, d).to(q.dtype)
 
 
 def sparse_keep(selected: Tensor, position_ids: Tensor, key_len: int, block: int, num_heads: int) -> Tensor:
@@ -115,22 +205,50 @@ class M3Attention(nn.Module):
             self.index_q_norm = GemmaRMSNorm(sa.sparse_index_dim, text.rms_norm_eps)
             self.index_k_norm = GemmaRMSNorm(sa.sparse_index_dim, text.rms_norm_eps)
 
-    def msa_keep(
+    def msa_select(
         self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, past: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """MSA keep mask [B, num_heads, S, P+S] for normed input x [B, S, H] and the index keys of the
-        whole history [B, P+S, Dx] (`past` holds the first P, §2.4 "decode and chunked prefill")."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The indexer (§2.4 steps 1-8) for normed input x [B, S, H] and the index keys of the whole
+        history (`past` holds the first P, §2.4 "decode and chunked prefill"): block ids and validity
+        [B, G, S, k] (`select_block_ids`) and the index keys [B, P+S, Dx]."""
         b, s, _ = x.shape
         dim = self.sa.sparse_index_dim
         idx_q = apply_rope(self.index_q_norm(self.index_q_proj(x).view(b, s, -1, dim)), cos, sin)
         idx_k = apply_rope(self.index_k_norm(self.index_k_proj(x).view(b, s, 1, dim)), cos, sin)[:, :, 0]
         if past is not None:
             idx_k = torch.cat((past, idx_k), dim=1)
-        key_len = idx_k.shape[1]
-        scores = index_block_scores(idx_q, idx_k, position_ids, self.sa.sparse_block_size)
-        selected = select_blocks(scores, position_ids, self.sa)
-        keep = sparse_keep(selected, position_ids, key_len, self.sa.sparse_block_size, self.num_heads)
-        return keep, idx_k
+        unforced = self.sa.sparse_local_block == 0  # the own block is scored: mask its future keys
+        scores = index_block_scores(
+            idx_q, idx_k, self.sa.sparse_block_size, position_ids if unforced else None
+        )
+        ids, valid = select_block_ids(scores, position_ids, self.sa)
+        return ids, valid, idx_k
+
+    def msa_keep(
+        self, x: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor, past: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The dense form of the selection: keep mask [B, num_heads, S, P+S] (§2.4 step 9) and the index
+        keys. The reference the gathered attention is tested against; the forward never builds it."""
+        ids, valid, idx_k = self.msa_select(x, cos, sin, position_ids, past)
+        block, key_len = self.sa.sparse_block_size, idx_k.shape[1]
+        selected = blocks_mask(ids, valid, num_key_blocks(key_len, block))
+        return sparse_keep(selected, position_ids, key_len, block, self.num_heads), idx_k
+
+    def msa_attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        position_ids: Tensor,
+        past: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """MSA: the indexer's selection, then attention over the selected blocks only
+        (`gathered_block_attention`); returns [B, H, S, D] and the index keys of the whole history."""
+        ids, valid, idx_k = self.msa_select(x, cos, sin, position_ids, past)
+        return gathered_block_attention(q, k, v, ids, valid, position_ids, self.sa.sparse_block_size), idx_k
 
     def forward(
         self,
@@ -153,16 +271,28 @@ class M3Attention(nn.Module):
             k, v = torch.cat((past.key, k), dim=2), torch.cat((past.value, v), dim=2)
         index_key = None
         if self.sparse:
-            # A boolean mask, never an additive one: −inf biases leak in bf16 (§2.4.10).
-            mask, index_key = self.msa_keep(
-                x, cos, sin, position_ids, None if past is None else past.index_key
+            out, index_key = self.msa_attention(
+                q, k, v, x, cos, sin, position_ids, None if past is None else past.index_key
             )
         else:
-            mask = causal
-        rep = self.num_heads // self.num_kv_heads
-        # GQA: query head h reads KV head h // rep (repeat-interleave, §2.3.4).
-        out = F.scaled_dot_product_attention(
-            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask
-        )
+            out = masked_attention(q, k, v, causal)
         out = self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * d))
         return out, KVCache(k, v, index_key)
+
+
+def masked_msa_attention(
+    self: M3Attention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    position_ids: Tensor,
+    past: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """MSA in its dense formulation (§2.4 steps 9-10 as written): the keep mask over every key
+    [B, H, S, P+S], then masked SDPA. What the graphs computed before issue #15; kept as the reference
+    `M3Attention.msa_attention` is tested and benchmarked against (same signature)."""
+    keep, idx_k = self.msa_keep(x, cos, sin, position_ids, past)
+    return masked_attention(q, k, v, keep), idx_k

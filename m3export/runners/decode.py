@@ -15,6 +15,7 @@ Output is therefore the plain greedy output. One draft per round: the MXFP8 rele
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,14 @@ class GenerateResult:
     accepted: int = 0
     backend: str = ""
     seconds: float = 0.0
+    prefill_seconds: float = 0.0  # the prompt's forward (every chunk of it), first token included
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens after the first per second of decoding (None with a single token)."""
+        rest = self.seconds - self.prefill_seconds
+        return (len(self.tokens) - 1) / rest if len(self.tokens) > 1 and rest > 0 else None
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,6 +80,21 @@ class _Decoder:
         self.forwards += 1
         return res.values
 
+    def prefill(self, prompt: dict[str, np.ndarray], chunk: int | None) -> dict[str, np.ndarray]:
+        """The prompt's forward; with `chunk`, in calls of at most `chunk` tokens through the cache
+        (chunked prefill: each call's memory follows its chunk, not the prompt). Returns the last
+        call's logits and the final hidden states of every prompt position (MTP drafts from them)."""
+        seq = int(prompt["input_ids"].shape[1])
+        if chunk is None or seq <= chunk:
+            return self.forward(prompt)
+        if set(prompt) - {"input_ids", "position_ids"}:
+            raise InputError("--prefill-chunk takes text-only prompts (images and video prefill in one call)")
+        hidden: list[np.ndarray] = []
+        for a in range(0, seq, chunk):
+            values = self.forward({k: v[:, a : a + chunk] for k, v in prompt.items()})
+            hidden.append(values["final_hidden_states"])
+        return {**values, "final_hidden_states": np.concatenate(hidden, axis=1)}
+
     def draft(self, hidden: np.ndarray, next_ids: np.ndarray, positions: np.ndarray) -> int:
         """MTP depth 0 on committed positions: the arg-max token after next_ids[-1]."""
         assert self.mtp is not None
@@ -94,10 +118,14 @@ def generate_tokens(
     *,
     mtp: bool = False,
     on_token: OnToken | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerateResult:
-    """Greedy decoding of one prompt (batch 1: input_ids, position_ids and optional vision inputs)."""
+    """Greedy decoding of one prompt (batch 1: input_ids, position_ids and optional vision inputs);
+    the prompt prefilled in chunks of `prefill_chunk` tokens when given."""
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise InputError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
     prompt_len = int(prompt["input_ids"].shape[1])
     limit = spec.text.max_position_embeddings
     if prompt_len > limit:
@@ -123,8 +151,10 @@ def generate_tokens(
             return "max_length"
         return None
 
-    values = dec.forward(prompt)
+    start = time.perf_counter()
+    values = dec.prefill(prompt, prefill_chunk)
     stop = commit(int(values["logits"][0, -1].argmax()))
+    prefill_seconds = time.perf_counter() - start
     pos = prompt_len  # the position of the last committed token, not yet in the main cache
     drafted = accepted = 0
     if mtp:  # MTP positions pending: every prompt position, each with the token after it
@@ -156,7 +186,9 @@ def generate_tokens(
                 np.arange(pos, pos + 1),
             )
             pos += 1
-    return GenerateResult(tokens, prompt_len, stop, dec.forwards, drafted, accepted)
+    result = GenerateResult(tokens, prompt_len, stop, dec.forwards, drafted, accepted)
+    result.prefill_seconds = prefill_seconds
+    return result
 
 
 def _step(ids: list[int], pos: int) -> dict[str, np.ndarray]:

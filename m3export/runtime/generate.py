@@ -25,6 +25,7 @@ def generate_artifacts(
     on_token: OnToken | None = None,
     videos: Sequence[str | os.PathLike] = (),
     key: bytes | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerateResult:
     """The `generate` command: verify the build, prepare the prompt as `run` does, decode greedily."""
     get_backend(backend)
@@ -42,6 +43,7 @@ def generate_artifacts(
         max_new_tokens,
         mtp=mtp,
         on_token=on_token,
+        prefill_chunk=prefill_chunk,
     )
     result.backend, result.seconds = backend, time.perf_counter() - start
     return result
