@@ -16,7 +16,6 @@ for it, never two subgraphs'.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from m3export.artifacts.io import sha256_file
 from m3export.artifacts.layout import GOLDEN_KINDS, onnx_file
 from m3export.artifacts.manifest import Manifest
 from m3export.build.cache import reuse_onnx, subgraph_key
+from m3export.build.heap import release_heap
 from m3export.build.prepare import CaseStream
 from m3export.build.trt_result import TrtResult
 from m3export.export.onnx_export import OnnxArtifact, export_onnx
@@ -78,7 +78,7 @@ class SubgraphSessions:
     def _session(self, which: str) -> OrtRunner:
         if self._open is None or self._open[0] != which:
             self._open = None
-            gc.collect()
+            release_heap()
             runner = OrtRunner(self.path) if which == "ort" else expose_intermediates(self.path).runner()
             self._open = (which, runner)
         return self._open[1]
@@ -92,7 +92,7 @@ class SubgraphSessions:
 
     def close(self) -> None:
         self._open = None
-        gc.collect()
+        release_heap()
 
 
 @dataclass
@@ -222,7 +222,7 @@ def run_subgraph(bp: BuildPass, plan: SubgraphPlan) -> SubgraphExport:
         exported = _write_goldens(bp, exported, stage, feeds, eager, dbg)
     finally:
         bp.weights.release(modules)
-        gc.collect()
+        release_heap()
     return _check(bp, exported, feeds, eager, dbg)
 
 
